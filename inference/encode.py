@@ -1,0 +1,115 @@
+"""Encode uint8 RGB frames to browser-friendly H.264 MP4 files, and probe them back."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import tempfile
+from fractions import Fraction
+
+import av
+import numpy as np
+from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc, Interpolation
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CRF = 20
+DEFAULT_PRESET = "medium"
+# x264 output depends on its thread count (and the count is written into the stream's
+# SEI), so a fixed count keeps files byte-identical across hosts with different CPUs.
+DEFAULT_THREADS = 8
+# RGB -> yuv420p with swscale's bit-exact C path: its SIMD paths may round differently
+# on different CPUs. BT.709 limited range is what browsers assume for untagged HD video;
+# the stream is tagged accordingly as well.
+_TO_YUV = dict(
+    format="yuv420p",
+    dst_colorspace=Colorspace.ITU709,
+    dst_color_range=ColorRange.MPEG,
+    interpolation=Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT,
+)
+# Permissions of the finished file (mkstemp creates 0600, which a web server could not read).
+FILE_MODE = 0o644
+
+
+def encode_mp4(
+    frames: np.ndarray,
+    path: str | os.PathLike,
+    fps: int = 16,
+    *,
+    crf: int = DEFAULT_CRF,
+    preset: str = DEFAULT_PRESET,
+    threads: int = DEFAULT_THREADS,
+) -> None:
+    """Write uint8 RGB ``frames`` of shape ``(n, h, w, 3)`` to ``path`` as H.264/yuv420p MP4.
+
+    ``h`` and ``w`` must be even (yuv420p); colours are converted and tagged as BT.709.
+    The file is written next to ``path`` and renamed into place, so ``path`` never holds a
+    partial file; parent directories are created.
+    Deterministic: the same frames and settings give a byte-identical file. The moov atom
+    is at the front (``+faststart``) so browsers can start playback before the download ends.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"expected uint8 frames of shape (n, h, w, 3), got {frames.dtype} {frames.shape}")
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs even width and height, got {width}x{height}")
+
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        # format= is explicit because the temp name has no .mp4 suffix; +bitexact keeps the
+        # muxer from writing version strings or times that would break byte-identity.
+        with av.open(
+            tmp_name, mode="w", format="mp4",
+            options={"movflags": "+faststart", "fflags": "+bitexact"},
+        ) as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width = width
+            stream.height = height
+            stream.pix_fmt = "yuv420p"
+            codec = stream.codec_context
+            codec.thread_count = threads
+            codec.colorspace = Colorspace.ITU709
+            codec.color_primaries = ColorPrimaries.BT709
+            codec.color_trc = ColorTrc.BT709
+            codec.color_range = ColorRange.MPEG
+            stream.options = {"crf": str(crf), "preset": preset}
+            time_base = Fraction(1, fps)
+            for index, rgb in enumerate(frames):
+                rgb_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                frame = rgb_frame.reformat(**_TO_YUV)
+                frame.pts = index
+                frame.time_base = time_base
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))  # flush delayed (B-)frames
+        os.chmod(tmp_name, FILE_MODE)
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    logger.debug("encoded %d frames %dx%d to %s", len(frames), width, height, target)
+
+
+def probe_mp4(path: str | os.PathLike) -> dict:
+    """Decode the first video stream of ``path`` and describe it.
+
+    Returns ``{"codec", "pix_fmt", "width", "height", "frames", "fps"}`` where ``frames`` is
+    the number of frames actually decoded and ``fps`` the stream's average rate as a float.
+    """
+    with av.open(os.fspath(path)) as container:
+        stream = container.streams.video[0]
+        decoded = sum(1 for _ in container.decode(stream))
+        return {
+            "codec": stream.codec_context.name,
+            "pix_fmt": stream.codec_context.pix_fmt,
+            "width": stream.codec_context.width,
+            "height": stream.codec_context.height,
+            "frames": decoded,
+            "fps": float(stream.average_rate) if stream.average_rate else None,
+        }

@@ -1,0 +1,131 @@
+"""Run one generation request through a loaded Wan pipeline and return uint8 frames."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+FPS = 16
+# The Wan VAE compresses time 4x, keeping the first frame: valid frame counts are 4k + 1.
+TEMPORAL_STRIDE = 4
+# Height and width must be multiples of VAE stride (8) x transformer patch (2).
+SPATIAL_MULTIPLE = 16
+
+
+def frames_for_duration(seconds: int, fps: int = FPS) -> int:
+    """Frame count for a clip of ``seconds`` at ``fps``: ``fps * seconds + 1`` (81 for 5 s at 16)."""
+    return fps * seconds + 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that determines one generated clip.
+
+    ``image`` set means image-to-video (the image becomes the first frame), else text-to-video.
+    Construction validates what the pipeline would otherwise silently round or reject:
+    ``num_frames`` must be 4k + 1, ``height``/``width`` positive multiples of 16,
+    ``infer_steps`` >= 1 (``ValueError`` otherwise).
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    image: Image.Image | None = None
+    infer_steps: int = 4
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+    seed: int = 0
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.infer_steps < 1:
+            raise ValueError(f"infer_steps must be >= 1, got {self.infer_steps}")
+        if self.num_frames < 1 or (self.num_frames - 1) % TEMPORAL_STRIDE:
+            raise ValueError(f"num_frames must be 4k + 1 (e.g. 17, 81), got {self.num_frames}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value <= 0 or value % SPATIAL_MULTIPLE:
+                raise ValueError(f"{name} must be a positive multiple of {SPATIAL_MULTIPLE}, got {value}")
+
+    @property
+    def kind(self) -> str:
+        """``"i2v"`` when an image is given, else ``"t2v"``."""
+        return "t2v" if self.image is None else "i2v"
+
+
+def _to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] -> uint8, rounded to nearest and clipped."""
+    return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+
+
+def generate_frames(
+    pipe,
+    request: GenerationRequest,
+    on_step: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Generate ``request`` with ``pipe``; return frames as uint8 ``(num_frames, height, width, 3)``.
+
+    T2V needs a ``WanPipeline``-like pipe and ``request.image is None``; I2V needs a
+    ``WanImageToVideoPipeline`` and an image (mismatch: ``ValueError``). Noise comes from a
+    CPU generator seeded with ``request.seed``, so a request is reproducible across devices
+    and byte-identical on CPU. ``on_step(step, total)`` runs after each denoising step with
+    step = 1..total. Any exception it raises stops generation at once (no VAE decode) and
+    propagates unchanged; model hooks are freed however the call ends.
+    """
+    import torch
+    from diffusers import WanImageToVideoPipeline
+
+    pipe_is_i2v = isinstance(pipe, WanImageToVideoPipeline)
+    if pipe_is_i2v != (request.kind == "i2v"):
+        raise ValueError(
+            f"{request.kind} request needs a {'WanImageToVideoPipeline' if request.kind == 'i2v' else 'WanPipeline'},"
+            f" got {type(pipe).__name__}"
+        )
+
+    def step_callback(pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
+        total = pipeline.num_timesteps or request.infer_steps
+        on_step(step_index + 1, total)
+        return callback_kwargs  # the pipeline pops tensors from what we return
+
+    kwargs = dict(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        height=request.height,
+        width=request.width,
+        num_frames=request.num_frames,
+        num_inference_steps=request.infer_steps,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+        output_type="np",
+        callback_on_step_end=step_callback if on_step is not None else None,
+    )
+    if pipe_is_i2v:
+        from .pipelines import patch_wan_i2v_without_ftfy
+
+        patch_wan_i2v_without_ftfy()  # for pipes not built by load_pipeline
+        kwargs["image"] = request.image.convert("RGB")
+
+    try:
+        output = pipe(**kwargs)
+    finally:
+        # The pipeline frees hooks itself on success only; an abort from on_step skips that.
+        pipe.maybe_free_model_hooks()
+
+    frames = _to_uint8(np.asarray(output.frames[0]))
+    expected = (request.num_frames, request.height, request.width, 3)
+    if frames.shape != expected:
+        raise RuntimeError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
+    return frames
+
+
+def last_frame_image(frames: np.ndarray) -> Image.Image:
+    """The last frame of uint8 ``(n, h, w, 3)`` frames as an RGB image (seed for the next fragment)."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"expected frames of shape (n, h, w, 3) with n >= 1, got {frames.shape}")
+    return Image.fromarray(np.ascontiguousarray(frames[-1], dtype=np.uint8)).convert("RGB")

@@ -1,0 +1,187 @@
+"""Settings for the LightX2V video service.
+
+Every setting that an operator may change is read from the environment here and nowhere else.
+Defaults give a working single-machine demo (SQLite under ``var/``, tiny model built by ``make run``);
+production sets ``DATABASE_URL`` (PostgreSQL), ``SECRET_KEY``, ``DEBUG=0`` and the model paths.
+"""
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("LIGHTX2V_VAR_DIR", BASE_DIR / "var"))
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """True for 1/true/yes/on, False for 0/false/no/off/empty; ``default`` when unset."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else int(raw)
+
+
+def env_paths(name: str, default: list[Path]) -> list[Path]:
+    """A list of folders separated by ``os.pathsep`` (``:`` on Linux)."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    return [Path(part).expanduser() for part in raw.split(os.pathsep) if part]
+
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
+    SECRET_KEY = "insecure-local-development-key"  # noqa: S105 - only reachable with DEBUG on
+ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost").split(",") if h]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI / ReDoc assets served locally: no CDN needed
+    "django_q",
+    "tasks_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "lightx2v_site.urls"
+WSGI_APPLICATION = "lightx2v_site.wsgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# PostgreSQL in production and in tests; a SQLite file only for the zero-install local run.
+if not os.environ.get("DATABASE_URL"):
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+DATABASES = {
+    "default": dj_database_url.config(
+        default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}", conn_max_age=60, conn_health_checks=True
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# django-q2 keeps cluster statistics (live workers) in the cache: it must be shared between the web
+# server and the workers, so it lives in the database (``manage.py createcachetable``).
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "lightx2v_cache"}
+}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
+
+# ---------------------------------------------------------------------------------------------
+# The video service.
+# ---------------------------------------------------------------------------------------------
+LIGHTX2V_MODEL_PATH = os.environ.get("LIGHTX2V_MODEL_PATH", "")  # Wan2.1 T2V Diffusers directory
+LIGHTX2V_I2V_MODEL_PATH = os.environ.get("LIGHTX2V_I2V_MODEL_PATH", "")  # Wan2.1 I2V directory
+LIGHTX2V_DEVICE = os.environ.get("LIGHTX2V_DEVICE", "auto")  # auto | cpu | cuda | cuda:N
+# Finished videos: <output root>/videos/<task_id>.mp4, published as "outputs/videos/<task_id>.mp4".
+LIGHTX2V_OUTPUT_ROOT = Path(os.environ.get("LIGHTX2V_OUTPUT_ROOT", VAR_DIR / "outputs"))
+# Input images (uploads and data: URLs), stored under server-chosen names.
+LIGHTX2V_UPLOAD_ROOT = Path(os.environ.get("LIGHTX2V_UPLOAD_ROOT", VAR_DIR / "uploads"))
+# Folders from which a request's ``image_path`` may name a file; empty = no server-side paths.
+LIGHTX2V_INPUT_ROOTS = env_paths("LIGHTX2V_INPUT_ROOTS", [VAR_DIR / "inputs"])
+LIGHTX2V_MAX_DURATION = env_int("LIGHTX2V_MAX_DURATION", 10)  # seconds
+LIGHTX2V_MAX_PIXELS = env_int("LIGHTX2V_MAX_PIXELS", 1280 * 720)  # height x width
+LIGHTX2V_MAX_UPLOAD_BYTES = env_int("LIGHTX2V_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
+LIGHTX2V_MAX_IMAGE_PIXELS = env_int("LIGHTX2V_MAX_IMAGE_PIXELS", 40_000_000)
+LIGHTX2V_WORKERS = env_int("LIGHTX2V_WORKERS", 1)  # worker processes per qcluster (one per GPU)
+LIGHTX2V_TASK_TIMEOUT = env_int("LIGHTX2V_TASK_TIMEOUT", 3600)  # seconds one video may take
+# Anonymous access is for local demos only: requests without a token act as this local user.
+LIGHTX2V_ALLOW_ANONYMOUS = env_bool("LIGHTX2V_ALLOW_ANONYMOUS", False)
+if LIGHTX2V_ALLOW_ANONYMOUS and not DEBUG:
+    raise ImproperlyConfigured("LIGHTX2V_ALLOW_ANONYMOUS needs DEBUG on; never expose it on a network.")
+
+# Uploads larger than this are rejected before the body is read into memory.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 30 * 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["tasks_app.authentication.BearerTokenAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 20,
+    "EXCEPTION_HANDLER": "tasks_app.errors.api_exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+if LIGHTX2V_ALLOW_ANONYMOUS:
+    REST_FRAMEWORK["DEFAULT_AUTHENTICATION_CLASSES"].append("tasks_app.authentication.LocalDemoAuthentication")
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LightX2V video API",
+    "DESCRIPTION": "Text-to-video and image-to-video generation with Wan2.1 models.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# django-q2: messages only say "there is work"; the VideoTask row is the truth (see tasks_app/worker.py).
+# One message at a time per worker, no prefetch, and a retry longer than any run, so a message is
+# never re-delivered while its run is still going (../shared/notes/django-q2.md).
+Q_CLUSTER = {
+    "name": "lightx2v",
+    "orm": "default",
+    "workers": LIGHTX2V_WORKERS,
+    "queue_limit": 1,
+    "bulk": 1,
+    "timeout": LIGHTX2V_TASK_TIMEOUT,
+    "retry": LIGHTX2V_TASK_TIMEOUT + 600,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "recycle": 100_000,
+    "catch_up": False,
+    "save_limit": 1000,
+    "poll": 0.2,
+    "label": "Worker queue",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

@@ -1,0 +1,28 @@
+"""URL map: the public API under /v1 (../shared/API.md), schema and docs, admin."""
+from django.contrib import admin
+from django.urls import path
+from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from tasks_app.views import FileViewSet, ServiceViewSet, VideoTaskViewSet
+
+tasks = VideoTaskViewSet.as_view
+urlpatterns = [
+    path("v1/tasks/video", tasks({"post": "submit_json"}), name="task-submit"),
+    path("v1/tasks/video/form", tasks({"post": "submit_form"}), name="task-submit-form"),
+    path("v1/tasks", tasks({"get": "list"}), name="task-list"),
+    path("v1/tasks/queue/status", tasks({"get": "queue_status"}), name="queue-status"),
+    path("v1/tasks/<str:task_id>/status", tasks({"get": "poll"}), name="task-status"),
+    path("v1/tasks/<str:task_id>/result", tasks({"get": "result"}), name="task-result"),
+    path("v1/tasks/<str:task_id>", tasks({"delete": "cancel"}), name="task-cancel"),
+    path("v1/files/download/<path:file_path>", FileViewSet.as_view({"get": "download"}), name="file-download"),
+    path("v1/service/status", ServiceViewSet.as_view({"get": "health"}), name="service-status"),
+    path("v1/service/metadata", ServiceViewSet.as_view({"get": "metadata"}), name="service-metadata"),
+    path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
+    path("docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="swagger-ui"),
+    path("redoc", SpectacularRedocView.as_view(url_name="openapi-schema"), name="redoc"),
+    path("admin/", admin.site.urls),
+]
+
+handler400 = "tasks_app.errors.json_bad_request"
+handler404 = "tasks_app.errors.json_not_found"
+handler500 = "tasks_app.errors.json_server_error"

@@ -1,0 +1,51 @@
+"""Operator views: every task with its progress, filters, search, and retry/cancel actions."""
+from django.contrib import admin, messages
+
+from . import services
+from .errors import ServiceError
+from .models import ApiToken, VideoTask
+
+
+@admin.register(VideoTask)
+class VideoTaskAdmin(admin.ModelAdmin):
+    list_display = ("task_id", "status", "progress", "task_type", "owner", "created_at", "attempts", "message")
+    list_filter = ("status", "task_type", "created_at", "owner")
+    search_fields = ("prompt", "task_id", "owner__username")
+    date_hierarchy = "created_at"
+    actions = ("retry_tasks", "cancel_tasks")
+    readonly_fields = [f.name for f in VideoTask._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # tasks enter through the API, which validates them
+
+    def _apply(self, request, queryset, transition, verb: str) -> None:
+        done, refused = 0, 0
+        for task in queryset:
+            try:
+                transition(task=task)
+                done += 1
+            except ServiceError:
+                refused += 1
+        self.message_user(request, f"{verb} {done} task(s).", messages.SUCCESS)
+        if refused:
+            self.message_user(request, f"{refused} task(s) were not in a state that allows it.", messages.WARNING)
+
+    @admin.action(description="Retry selected failed/cancelled tasks")
+    def retry_tasks(self, request, queryset):
+        self._apply(request, queryset, services.task_retry, "Queued again")
+
+    @admin.action(description="Cancel selected submitted/running tasks")
+    def cancel_tasks(self, request, queryset):
+        self._apply(request, queryset, services.task_cancel, "Cancelled")
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ("prefix", "user", "name", "created_at", "last_used_at", "revoked_at")
+    list_filter = ("revoked_at",)
+    search_fields = ("user__username", "name", "prefix")
+    readonly_fields = ("user", "prefix", "created_at", "last_used_at")
+    fields = ("user", "name", "prefix", "created_at", "last_used_at", "revoked_at")
+
+    def has_add_permission(self, request) -> bool:
+        return False  # the raw key is shown once: create tokens with `manage.py create_api_token`

@@ -1,0 +1,57 @@
+"""Domain errors raised by services, and the one place that turns them (and Django's) into JSON 4xx."""
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+
+class ServiceError(Exception):
+    """Base of the domain errors; ``status_code`` is what the API answers."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+
+    def __init__(self, message: str, *, task=None):
+        super().__init__(message)
+        self.message = message
+        self.task = task
+
+
+class TaskNotCancellable(ServiceError):
+    """The task already finished (succeed, failed or cancelled)."""
+
+    status_code = status.HTTP_409_CONFLICT
+
+
+class TaskNotRetryable(ServiceError):
+    status_code = status.HTTP_409_CONFLICT
+
+
+class PayloadTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "Request entity too large."
+
+
+def api_exception_handler(exc, context):
+    """DRF's handler plus domain errors; every error body is JSON."""
+    if isinstance(exc, ServiceError):
+        return Response({"detail": exc.message}, status=exc.status_code)
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    return exception_handler(exc, context)
+
+
+def json_not_found(request, exception=None):
+    """``handler404``: unknown URLs (e.g. a task id that is not a UUID) answer JSON, not HTML."""
+    return JsonResponse({"detail": "Not found."}, status=404)
+
+
+def json_server_error(request):
+    """``handler500``: never leak a traceback; the details go to the log."""
+    return JsonResponse({"detail": "Internal server error."}, status=500)
+
+
+def json_bad_request(request, exception=None):
+    return JsonResponse({"detail": "Bad request."}, status=400)

@@ -1,0 +1,65 @@
+"""Turning what a client sent (upload, ``data:`` URL, server path) into a verified RGB image.
+
+Every route decodes the whole image with Pillow, with the decompression-bomb limit applied, so
+a file that only claims to be an image never reaches the queue.
+"""
+import base64
+import binascii
+import io
+import re
+import warnings
+from pathlib import Path
+
+from django.conf import settings
+from PIL import Image, UnidentifiedImageError
+
+ACCEPTED_FORMATS = {"PNG", "JPEG", "WEBP"}
+DATA_URL = re.compile(r"^data:image/(?P<subtype>[a-z0-9.+-]+);base64,(?P<payload>.*)$", re.IGNORECASE | re.DOTALL)
+
+
+class InvalidImage(ValueError):
+    """The input is not an acceptable image; the message says why, for the client."""
+
+
+def decode_image(raw: bytes | io.BufferedIOBase) -> Image.Image:
+    """Decode and fully load an image from bytes or a binary file; raises ``InvalidImage``."""
+    stream = io.BytesIO(raw) if isinstance(raw, bytes) else raw
+    max_pixels = settings.LIGHTX2V_MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as image:
+                if image.format not in ACCEPTED_FORMATS:
+                    raise InvalidImage(f"unsupported image format {image.format}; use PNG, JPEG or WebP")
+                if image.width * image.height > max_pixels:
+                    raise InvalidImage(f"image has more than {max_pixels} pixels")
+                image.load()
+                return image.convert("RGB")
+    except InvalidImage:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage("not a decodable image") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidImage("not a decodable image (truncated or corrupt)") from exc
+
+
+def decode_data_url(url: str) -> Image.Image:
+    """Decode a ``data:image/...;base64,`` URL; raises ``InvalidImage``."""
+    match = DATA_URL.match(url)
+    if not match:
+        raise InvalidImage("must be a data:image/...;base64, URL")
+    try:
+        raw = base64.b64decode(match["payload"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage("data URL payload is not valid base64") from exc
+    if len(raw) > settings.LIGHTX2V_MAX_UPLOAD_BYTES:
+        raise InvalidImage(f"image is larger than {settings.LIGHTX2V_MAX_UPLOAD_BYTES} bytes")
+    return decode_image(raw)
+
+
+def load_image_file(path: Path) -> Image.Image:
+    """Decode an image file already known to lie inside an input root."""
+    if path.stat().st_size > settings.LIGHTX2V_MAX_UPLOAD_BYTES:
+        raise InvalidImage(f"image is larger than {settings.LIGHTX2V_MAX_UPLOAD_BYTES} bytes")
+    with path.open("rb") as handle:
+        return decode_image(handle)

@@ -1,0 +1,108 @@
+"""The service's data: a ``VideoTask`` per request and the API tokens that own them.
+
+A ``VideoTask`` row is the single source of truth for a job. Its status moves only through
+``tasks_app.services``; everything else reads it.
+"""
+import hashlib
+import secrets
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class VideoTask(models.Model):
+    class Status(models.TextChoices):
+        SUBMITTED = "submitted"
+        RUNNING = "running"
+        SUCCEED = "succeed"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class TaskType(models.TextChoices):
+        T2V = "t2v", "text to video"
+        I2V = "i2v", "image to video"
+
+    FINISHED_STATUSES = (Status.SUCCEED, Status.FAILED, Status.CANCELLED)
+
+    task_id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="video_tasks")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.SUBMITTED)
+    progress = models.FloatField(default=0.0, help_text="0.0-1.0, never decreases, 1.0 once succeeded")
+    message = models.CharField(max_length=500, blank=True)
+    task_type = models.CharField(max_length=3, choices=TaskType.choices, default=TaskType.T2V)
+
+    # The request, as used (the seed is drawn at submit time when the client gave none).
+    prompt = models.TextField()
+    negative_prompt = models.TextField(blank=True)
+    image_path = models.CharField(max_length=1024, blank=True, help_text="the client's image_path, verbatim")
+    input_image = models.CharField(
+        max_length=255, blank=True, help_text="stored input image, relative to LIGHTX2V_UPLOAD_ROOT"
+    )
+    infer_steps = models.PositiveSmallIntegerField(default=4)
+    video_duration = models.PositiveSmallIntegerField(default=5)
+    seed = models.BigIntegerField()
+    height = models.PositiveIntegerField(default=480)
+    width = models.PositiveIntegerField(default=832)
+    num_fragments = models.PositiveSmallIntegerField(default=1)
+    guidance_scale = models.FloatField(default=1.0)
+
+    # The run.
+    file_path = models.CharField(max_length=255, blank=True, help_text='e.g. "outputs/videos/<task_id>.mp4"')
+    error = models.TextField(blank=True, help_text="the failure reason, for operators")
+    attempts = models.PositiveIntegerField(default=0, help_text="how many times a worker claimed it")
+    worker_name = models.CharField(max_length=255, blank=True, help_text="host:pid of the claiming worker")
+    run_stats = models.JSONField(default=dict, blank=True, help_text="timings and pipeline-cache counters")
+    created_at = models.DateTimeField(auto_now_add=True)
+    queued_at = models.DateTimeField(default=timezone.now, help_text="when it (re-)entered the queue")
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="last progress report")
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # The worker's claim query: oldest submitted first.
+            models.Index(fields=["queued_at"], condition=Q(status="submitted"), name="videotask_queue_idx"),
+            models.Index(fields=["owner", "-created_at"], name="videotask_owner_idx"),
+            models.Index(fields=["status"], name="videotask_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED_STATUSES
+
+    @property
+    def frames_per_fragment(self) -> int:
+        return 16 * self.video_duration + 1
+
+
+def hash_token(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+class ApiToken(models.Model):
+    """A bearer token. Only its SHA-256 is stored; the raw key is shown once, at creation."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=8, editable=False, help_text="first characters, to tell tokens apart")
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user})"
+
+    @classmethod
+    def issue(cls, *, user, name: str = "") -> tuple["ApiToken", str]:
+        """Create a token for ``user``; returns the row and the raw key (not recoverable later)."""
+        raw_key = secrets.token_urlsafe(32)
+        token = cls.objects.create(user=user, name=name, key_hash=hash_token(raw_key), prefix=raw_key[:8])
+        return token, raw_key

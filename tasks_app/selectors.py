@@ -1,0 +1,31 @@
+"""Reads with logic: queue position, per-status counts, live workers, a user's tasks."""
+from django.db.models import Count, QuerySet
+from django_q.status import Stat
+
+from .models import VideoTask
+
+Status = VideoTask.Status
+
+
+def tasks_of(*, owner, status: str | None = None) -> QuerySet[VideoTask]:
+    """The owner's tasks, newest first, optionally of one status."""
+    tasks = VideoTask.objects.filter(owner=owner).order_by("-created_at")
+    return tasks.filter(status=status) if status else tasks
+
+
+def queue_position(*, task: VideoTask) -> int:
+    """1 for the next task a worker will claim; counts every user's tasks queued before this one."""
+    return VideoTask.objects.filter(status=Status.SUBMITTED, queued_at__lt=task.queued_at).count() + 1
+
+
+def status_counts() -> dict[str, int]:
+    """Number of tasks per status, every status present (zero when none)."""
+    counts = dict.fromkeys(Status.values, 0)
+    for row in VideoTask.objects.values("status").annotate(total=Count("pk")).order_by():
+        counts[row["status"]] = row["total"]
+    return counts
+
+
+def live_worker_count() -> int:
+    """Worker processes of running qclusters that reported in the last few seconds (django-q2 stats)."""
+    return sum(len(stat.workers) for stat in Stat.get_all())

@@ -1,0 +1,172 @@
+"""Request validation and response shapes of the public API (../shared/API.md).
+
+Unknown request fields are ignored. Every rule failure is a 400 naming the field.
+"""
+import math
+
+from django.conf import settings
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from . import images, selectors, storage
+from .models import VideoTask
+from .services import MAX_SEED
+
+PROMPT_MAX_CHARS = 2000
+SIZE_STEP = 16
+SIZE_MIN, SIZE_MAX = 16, 1280
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """An integer that refuses booleans and non-integral numbers (``true`` or ``4.5`` are not 4)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or (isinstance(data, float) and not data.is_integer()):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class FiniteFloatField(serializers.FloatField):
+    def to_internal_value(self, data):
+        if isinstance(data, bool):
+            self.fail("invalid")
+        value = super().to_internal_value(data)
+        if not math.isfinite(value):
+            self.fail("invalid")
+        return value
+
+
+def _size_field(default: int) -> StrictIntegerField:
+    return StrictIntegerField(default=default, min_value=SIZE_MIN, max_value=SIZE_MAX)
+
+
+class VideoRequestSerializer(serializers.Serializer):
+    """The JSON submit body. ``validated_data`` holds model fields plus ``image`` (a PIL image or None)."""
+
+    prompt = serializers.CharField(max_length=PROMPT_MAX_CHARS, trim_whitespace=True)
+    negative_prompt = serializers.CharField(
+        max_length=PROMPT_MAX_CHARS, required=False, allow_blank=True, default=""
+    )
+    image_path = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        trim_whitespace=True,
+        help_text="I2V input: a file inside LIGHTX2V_INPUT_ROOTS or a data:image/...;base64, URL",
+    )
+    infer_steps = StrictIntegerField(default=4, min_value=1, max_value=50)
+    video_duration = StrictIntegerField(default=5, min_value=1, help_text="seconds; 16 frames per second")
+    seed = StrictIntegerField(required=False, allow_null=True, default=None, min_value=0, max_value=MAX_SEED)
+    height = _size_field(480)
+    width = _size_field(832)
+    num_fragments = StrictIntegerField(default=1, min_value=1, max_value=8)
+    guidance_scale = FiniteFloatField(default=1.0, min_value=1.0, max_value=20.0)
+
+    def validate_video_duration(self, value: int) -> int:
+        if value > settings.LIGHTX2V_MAX_DURATION:
+            raise serializers.ValidationError(f"must be at most {settings.LIGHTX2V_MAX_DURATION} seconds")
+        return value
+
+    def validate_height(self, value: int) -> int:
+        return _multiple_of_16(value)
+
+    def validate_width(self, value: int) -> int:
+        return _multiple_of_16(value)
+
+    def validate_image_path(self, value: str):
+        if not value:
+            return value
+        if value.lower().startswith("data:"):
+            self._input_image = _or_field_error(images.decode_data_url, value)
+            return value
+        resolved = storage.resolve_input_path(value)
+        if resolved is None:
+            raise serializers.ValidationError("must name an existing file inside the configured input folders")
+        self._input_image = _or_field_error(images.load_image_file, resolved)
+        return value
+
+    def validate(self, attrs):
+        if attrs["height"] * attrs["width"] > settings.LIGHTX2V_MAX_PIXELS:
+            raise serializers.ValidationError(
+                {"height": [f"height x width must be at most {settings.LIGHTX2V_MAX_PIXELS} pixels"]}
+            )
+        attrs["image"] = getattr(self, "_input_image", None)
+        needs_i2v = attrs["image"] is not None or attrs["num_fragments"] > 1
+        if needs_i2v and not settings.LIGHTX2V_I2V_MODEL_PATH:
+            field = "image_path" if attrs["image"] is not None else "num_fragments"
+            raise serializers.ValidationError({field: ["this server has no image-to-video model configured"]})
+        return attrs
+
+
+class VideoFormRequestSerializer(VideoRequestSerializer):
+    """The multipart submit body: the JSON fields plus an uploaded ``image_file``."""
+
+    image_file = serializers.FileField(required=False, help_text="PNG, JPEG or WebP, at most 20 MiB")
+
+    def validate_image_file(self, upload):
+        # Oversized uploads were already refused with 413 by the view, before decoding.
+        self._input_image = _or_field_error(images.decode_image, upload.file)
+        return upload
+
+    def validate(self, attrs):
+        if attrs.get("image_file") and attrs.get("image_path"):
+            raise serializers.ValidationError({"image_file": ["send image_file or image_path, not both"]})
+        attrs.pop("image_file", None)
+        return super().validate(attrs)
+
+
+def _multiple_of_16(value: int) -> int:
+    if value % SIZE_STEP:
+        raise serializers.ValidationError(f"must be a multiple of {SIZE_STEP}")
+    return value
+
+
+def _or_field_error(decode, source):
+    try:
+        return decode(source)
+    except images.InvalidImage as exc:
+        raise serializers.ValidationError(str(exc)) from exc
+
+
+class TaskCreatedSerializer(serializers.Serializer):
+    task_id = serializers.UUIDField()
+    status = serializers.CharField()
+    message = serializers.CharField()
+
+
+class TaskStatusSerializer(serializers.ModelSerializer):
+    """A task as its owner sees it: state, progress, the parameters as used, and where the video is."""
+
+    queue_position = serializers.SerializerMethodField()
+    result_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = VideoTask
+        fields = [
+            "task_id", "status", "progress", "message", "task_type",
+            "prompt", "negative_prompt", "image_path", "infer_steps", "video_duration", "seed",
+            "height", "width", "num_fragments", "guidance_scale",
+            "created_at", "started_at", "finished_at", "attempts",
+            "queue_position", "file_path", "result_url", "run_stats",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True, help_text="1 = next; null unless submitted"))
+    def get_queue_position(self, task: VideoTask) -> int | None:
+        if task.status != VideoTask.Status.SUBMITTED:
+            return None
+        return selectors.queue_position(task=task)
+
+    @extend_schema_field(serializers.URLField(allow_null=True))
+    def get_result_url(self, task: VideoTask) -> str | None:
+        if task.status != VideoTask.Status.SUCCEED:
+            return None
+        url = reverse("task-result", kwargs={"task_id": task.task_id})
+        request = self.context.get("request")
+        return request.build_absolute_uri(url) if request else url
+
+
+class QueueStatusSerializer(serializers.Serializer):
+    counts = serializers.DictField(child=serializers.IntegerField(), help_text="tasks per status")
+    live_workers = serializers.IntegerField()

@@ -1,0 +1,216 @@
+"""HTTP endpoints. Each view validates with a serializer, calls one service or selector, and answers.
+
+No status is written here (see ``services``) and no file is touched except to stream a finished video.
+"""
+import uuid
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection
+from django.http import FileResponse
+from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+
+from . import selectors, services, storage
+from .errors import PayloadTooLarge
+from .models import VideoTask
+from .serializers import (
+    QueueStatusSerializer,
+    TaskCreatedSerializer,
+    TaskStatusSerializer,
+    VideoFormRequestSerializer,
+    VideoRequestSerializer,
+)
+
+SERVICE_VERSION = settings.SPECTACULAR_SETTINGS["VERSION"]
+REQUEST_DEFAULTS = {
+    name: field.default
+    for name, field in VideoRequestSerializer().fields.items()
+    if name not in ("prompt", "negative_prompt", "image_path", "seed")
+}
+MP4_RESPONSE = OpenApiResponse(response=OpenApiTypes.BINARY, description="the H.264 MP4 (video/mp4)")
+ERROR_RESPONSE = OpenApiResponse(
+    response=inline_serializer("Error", {"detail": serializers.CharField()}), description="JSON error"
+)
+
+
+class VideoTaskViewSet(viewsets.GenericViewSet):
+    """Submit, list, poll, fetch and cancel the caller's video tasks."""
+
+    serializer_class = TaskStatusSerializer
+    lookup_field = "task_id"
+
+    def get_queryset(self):
+        return VideoTask.objects.filter(owner=self.request.user)
+
+    def get_object(self) -> VideoTask:
+        """The caller's task; malformed ids and other users' tasks are both a plain 404."""
+        try:
+            task_id = uuid.UUID(str(self.kwargs["task_id"]))
+        except ValueError as exc:
+            raise NotFound() from exc
+        task = self.get_queryset().filter(task_id=task_id).first()
+        if task is None:
+            raise NotFound()
+        return task
+
+    def _created(self, task: VideoTask) -> Response:
+        body = TaskCreatedSerializer(
+            {"task_id": task.task_id, "status": task.status, "message": "Task created successfully"}
+        ).data
+        location = reverse("task-status", kwargs={"task_id": task.task_id})
+        return Response(body, status=status.HTTP_201_CREATED, headers={"Location": location})
+
+    @extend_schema(
+        request=VideoRequestSerializer,
+        responses={201: TaskCreatedSerializer, 400: OpenApiTypes.OBJECT},
+        summary="Submit a video task (JSON)",
+    )
+    @action(detail=False, methods=["post"], parser_classes=[JSONParser])
+    def submit_json(self, request):
+        request_serializer = VideoRequestSerializer(data=request.data)
+        request_serializer.is_valid(raise_exception=True)
+        return self._created(self._submit(request_serializer.validated_data))
+
+    @extend_schema(
+        request={"multipart/form-data": VideoFormRequestSerializer},
+        responses={201: TaskCreatedSerializer, 400: OpenApiTypes.OBJECT, 413: ERROR_RESPONSE},
+        summary="Submit a video task (multipart, with an image_file for I2V)",
+    )
+    @action(detail=False, methods=["post"], parser_classes=[MultiPartParser, FormParser])
+    def submit_form(self, request):
+        upload = request.FILES.get("image_file")
+        if upload is not None and upload.size > settings.LIGHTX2V_MAX_UPLOAD_BYTES:
+            raise PayloadTooLarge(f"image_file must be at most {settings.LIGHTX2V_MAX_UPLOAD_BYTES} bytes")
+        request_serializer = VideoFormRequestSerializer(data=request.data)
+        request_serializer.is_valid(raise_exception=True)
+        return self._created(self._submit(request_serializer.validated_data))
+
+    def _submit(self, validated: dict) -> VideoTask:
+        params = dict(validated)
+        image = params.pop("image")
+        return services.task_submit(owner=self.request.user, params=params, image=image)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("status", enum=VideoTask.Status.values, required=False)],
+        summary="The caller's tasks, newest first",
+    )
+    def list(self, request):
+        wanted_status = request.query_params.get("status") or None
+        if wanted_status is not None and wanted_status not in VideoTask.Status.values:
+            raise ValidationError({"status": [f"must be one of {', '.join(VideoTask.Status.values)}"]})
+        page = self.paginate_queryset(selectors.tasks_of(owner=request.user, status=wanted_status))
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+
+    @extend_schema(responses={200: TaskStatusSerializer, 404: ERROR_RESPONSE}, summary="Poll a task")
+    @action(detail=True, methods=["get"])
+    def poll(self, request, task_id=None):
+        return Response(self.get_serializer(self.get_object()).data)
+
+    @extend_schema(
+        responses={(200, "video/mp4"): MP4_RESPONSE, 409: TaskStatusSerializer, 404: ERROR_RESPONSE},
+        summary="Download the finished video",
+    )
+    @action(detail=True, methods=["get"])
+    def result(self, request, task_id=None):
+        task = self.get_object()
+        video = storage.resolve_public_path(task.file_path) if task.status == VideoTask.Status.SUCCEED else None
+        if video is None:
+            return Response(self.get_serializer(task).data, status=status.HTTP_409_CONFLICT)
+        return _stream_video(video)
+
+    @extend_schema(
+        request=None,
+        responses={200: TaskStatusSerializer, 409: ERROR_RESPONSE, 404: ERROR_RESPONSE},
+        summary="Cancel a submitted or running task",
+    )
+    def cancel(self, request, task_id=None):
+        task = services.task_cancel(task=self.get_object())
+        return Response(self.get_serializer(task).data)
+
+    @extend_schema(responses={200: QueueStatusSerializer}, summary="Tasks per status and live workers")
+    @action(detail=False, methods=["get"])
+    def queue_status(self, request):
+        body = {"counts": selectors.status_counts(), "live_workers": selectors.live_worker_count()}
+        return Response(QueueStatusSerializer(body).data)
+
+
+class FileViewSet(viewsets.ViewSet):
+    """Download of output files that belong to the caller's tasks."""
+
+    @extend_schema(responses={(200, "video/mp4"): MP4_RESPONSE, 404: ERROR_RESPONSE}, summary="Download a file")
+    def download(self, request, file_path: str = ""):
+        owned = (
+            storage.is_well_formed_public_path(file_path)
+            and VideoTask.objects.filter(
+                owner=request.user, file_path=file_path, status=VideoTask.Status.SUCCEED
+            ).exists()
+        )
+        video = storage.resolve_public_path(file_path) if owned else None
+        if video is None:
+            raise NotFound()
+        return _stream_video(video)
+
+
+def _stream_video(path: Path) -> FileResponse:
+    return FileResponse(path.open("rb"), content_type="video/mp4", filename=path.name)
+
+
+class ServiceViewSet(viewsets.ViewSet):
+    """Health and configuration; no token needed."""
+
+    permission_classes = [AllowAny]
+    authentication_classes: list = []
+
+    @extend_schema(
+        responses={
+            200: inline_serializer(
+                "ServiceStatus",
+                {
+                    "status": serializers.CharField(),
+                    "database": serializers.BooleanField(),
+                    "live_workers": serializers.IntegerField(),
+                },
+            )
+        },
+        summary="Health: database reachable, live workers",
+    )
+    @action(detail=False, methods=["get"])
+    def health(self, request):
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            workers = selectors.live_worker_count()
+        except Exception:  # noqa: BLE001 - health reports any database failure as "down"
+            return Response(
+                {"status": "unavailable", "database": False, "live_workers": 0},
+                status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            )
+        return Response({"status": "ok", "database": True, "live_workers": workers})
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT}, summary="Models, defaults and limits")
+    @action(detail=False, methods=["get"])
+    def metadata(self, request):
+        return Response(
+            {
+                "version": SERVICE_VERSION,
+                "models": {
+                    "t2v": Path(settings.LIGHTX2V_MODEL_PATH).name or None,
+                    "i2v": Path(settings.LIGHTX2V_I2V_MODEL_PATH).name or None,
+                },
+                "defaults": {**REQUEST_DEFAULTS, "fps": 16},
+                "limits": {
+                    "infer_steps": [1, 50], "video_duration": [1, settings.LIGHTX2V_MAX_DURATION],
+                    "size": [16, 1280], "size_multiple": 16, "max_pixels": settings.LIGHTX2V_MAX_PIXELS,
+                    "num_fragments": [1, 8], "guidance_scale": [1.0, 20.0], "prompt_chars": 2000,
+                    "max_upload_bytes": settings.LIGHTX2V_MAX_UPLOAD_BYTES,
+                },
+            }  # fmt: skip
+        )

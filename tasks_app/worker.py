@@ -1,0 +1,126 @@
+"""The django-q2 worker entry: claim the oldest submitted task, generate its video, record the outcome.
+
+A django-q2 message only says "there is work": ``run_next_task`` claims whichever submitted row is
+oldest, so a duplicated message finds nothing to do and a lost one is covered by the next. The
+pipeline is loaded lazily inside the worker process (never in the forking parent) and cached by
+``inference.pipelines`` for every later task of that process.
+"""
+import logging
+import os
+import socket
+import time
+import traceback
+
+import numpy as np
+from django.conf import settings
+from django_q.exceptions import TimeoutException
+
+from inference.encode import encode_mp4
+from inference.generate import FPS, GenerationRequest, frames_for_duration, generate_frames, last_frame_image
+from inference.pipelines import load_count, load_pipeline
+
+from . import services, storage
+from .models import VideoTask
+
+logger = logging.getLogger(__name__)
+
+DENOISE_SHARE = 0.9  # progress given to denoising; decode and encode take the rest
+ENCODE_PROGRESS = 0.95
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_next_task() -> str | None:
+    """Claim and run one submitted task; returns its id, or None when the queue was empty."""
+    task = services.task_claim_next(worker_name=worker_name())
+    if task is None:
+        return None
+    logger.info("task %s claimed by %s", task.task_id, task.worker_name)
+    execute_task(task)
+    return str(task.task_id)
+
+
+def execute_task(task: VideoTask) -> None:
+    """Run a claimed task to ``succeed`` or ``failed``; stop quietly if it gets cancelled."""
+    run_stats: dict = {"worker": task.worker_name}
+    try:
+        frames = _generate(task, run_stats)
+        services.task_report_progress(task_id=task.task_id, progress=ENCODE_PROGRESS, message="encoding")
+        started = time.perf_counter()
+        video_file = storage.video_file_for(task.task_id)
+        encode_mp4(frames, video_file, fps=FPS)
+        run_stats["encode_s"] = round(time.perf_counter() - started, 3)
+        if not services.task_finish(
+            task_id=task.task_id, file_path=storage.video_public_path(task.task_id), run_stats=run_stats
+        ):
+            video_file.unlink(missing_ok=True)  # cancelled while encoding: leave nothing behind
+            raise services.TaskNoLongerRunning(str(task.task_id))
+        logger.info("task %s succeeded: %s", task.task_id, run_stats)
+    except services.TaskNoLongerRunning:
+        logger.info("task %s stopped: no longer running (cancelled)", task.task_id)
+        services.task_record_run_stats(task_id=task.task_id, run_stats=run_stats)
+    except TimeoutException:
+        services.task_fail(task_id=task.task_id, error=f"timed out after {settings.LIGHTX2V_TASK_TIMEOUT} s")
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of a run is recorded on the task
+        logger.exception("task %s failed", task.task_id)
+        services.task_fail(
+            task_id=task.task_id, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", run_stats=run_stats
+        )
+
+
+def _generate(task: VideoTask, run_stats: dict) -> np.ndarray:
+    """Denoise and decode every fragment; later fragments continue from the previous last frame."""
+    image = storage.open_input_image(task.input_image) if task.input_image else None
+    fragments: list[np.ndarray] = []
+    for index in range(task.num_fragments):
+        kind = "i2v" if image is not None else "t2v"
+        pipe = _pipeline(kind, run_stats)
+        request = GenerationRequest(
+            prompt=task.prompt,
+            negative_prompt=task.negative_prompt,
+            image=image,
+            infer_steps=task.infer_steps,
+            num_frames=frames_for_duration(task.video_duration),
+            height=task.height,
+            width=task.width,
+            seed=task.seed + index,
+            guidance_scale=task.guidance_scale,
+        )
+        started = time.perf_counter()
+        frames = generate_frames(pipe, request, on_step=_progress_reporter(task, index, run_stats))
+        run_stats["denoise_decode_s"] = round(run_stats.get("denoise_decode_s", 0) + time.perf_counter() - started, 3)
+        # The first frame of a continuation repeats the seam frame it was conditioned on.
+        fragments.append(frames if index == 0 else frames[1:])
+        image = last_frame_image(frames)
+    return np.concatenate(fragments, axis=0)
+
+
+def _pipeline(kind: str, run_stats: dict):
+    model_path = settings.LIGHTX2V_MODEL_PATH if kind == "t2v" else settings.LIGHTX2V_I2V_MODEL_PATH
+    if not model_path:
+        setting = "LIGHTX2V_MODEL_PATH" if kind == "t2v" else "LIGHTX2V_I2V_MODEL_PATH"
+        raise RuntimeError(f"no {kind} model configured ({setting} is empty)")
+    started = time.perf_counter()
+    pipe = load_pipeline(model_path, kind=kind, device=settings.LIGHTX2V_DEVICE)
+    run_stats.setdefault("load_s", round(time.perf_counter() - started, 3))
+    # How many times this process has loaded a pipeline so far: stays flat once the cache is warm.
+    run_stats["pipeline_loads"] = load_count()
+    return pipe
+
+
+def _progress_reporter(task: VideoTask, fragment_index: int, run_stats: dict):
+    """A step callback that records progress and raises ``TaskNoLongerRunning`` once cancelled."""
+    fragments = task.num_fragments
+
+    def on_step(step: int, total: int) -> None:
+        run_stats["last_step"] = step
+        done = (fragment_index + step / total) / fragments
+        where = f"step {step}/{total}"
+        if fragments > 1:
+            where = f"fragment {fragment_index + 1}/{fragments}, {where}"
+        services.task_report_progress(task_id=task.task_id, progress=DENOISE_SHARE * done, message=where)
+
+    return on_step

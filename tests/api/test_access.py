@@ -1,0 +1,161 @@
+"""Auth, ownership, listing, cancelling queued tasks, downloads' path rules, health and schema."""
+import pytest
+
+from tasks_app import storage
+from tasks_app.models import VideoTask
+
+SUBMIT = "/v1/tasks/video"
+
+
+@pytest.fixture
+def task_id(api):
+    return api.post(SUBMIT, {"prompt": "mine", "height": 64, "width": 64}, format="json").json()["task_id"]
+
+
+def _finished_video(task_id: str, content: bytes = b"\x00\x00\x00\x18ftypmp42 fake video bytes") -> str:
+    """Mark a task succeeded with a video file on disk, as a worker would (the worker path is tested in tests/worker)."""
+    path = storage.video_file_for(task_id)
+    path.write_bytes(content)
+    public = storage.video_public_path(task_id)
+    VideoTask.objects.filter(task_id=task_id).update(status="succeed", progress=1.0, file_path=public)
+    return public
+
+
+def test_requests_without_a_token_get_401(client):
+    for url in ["/v1/tasks", "/v1/tasks/queue/status", f"/v1/tasks/{'0' * 32}/status", "/v1/files/download/x"]:
+        response = client.get(url)
+        assert response.status_code == 401, url
+        assert "detail" in response.json()
+    assert client.post(SUBMIT, {"prompt": "p"}, content_type="application/json").status_code == 401
+
+
+def test_token_keyword_form_and_revoked_tokens(api, client):
+    from django.core.management import call_command
+
+    assert client.get("/v1/tasks", HTTP_AUTHORIZATION=f"Token {api.raw_key}").status_code == 200
+    assert client.get("/v1/tasks", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+    call_command("revoke_api_token", api.raw_key)
+    assert client.get("/v1/tasks", HTTP_AUTHORIZATION=f"Bearer {api.raw_key}").status_code == 401
+
+
+def test_create_api_token_command_prints_a_working_token(db, client):
+    import io
+
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("create_api_token", "carol", stdout=out)
+    assert client.get("/v1/tasks", HTTP_AUTHORIZATION=f"Bearer {out.getvalue().strip()}").status_code == 200
+
+
+def test_another_users_task_is_404_everywhere(task_id, make_api):
+    public = _finished_video(task_id)
+    bob = make_api("bob")
+    assert bob.get(f"/v1/tasks/{task_id}/status").status_code == 404
+    assert bob.get(f"/v1/tasks/{task_id}/result").status_code == 404
+    assert bob.delete(f"/v1/tasks/{task_id}").status_code == 404
+    assert bob.get(f"/v1/files/download/{public}").status_code == 404
+    assert bob.get("/v1/tasks").json()["count"] == 0
+
+
+@pytest.mark.parametrize("bad_id", ["not-a-uuid", "1", "00000000-0000-0000-0000-000000000000", "%00", "..%2f.."])
+def test_unknown_or_malformed_task_ids_are_404_json(api, bad_id):
+    response = api.get(f"/v1/tasks/{bad_id}/status")
+    assert response.status_code == 404 and response.json() == {"detail": "Not found."}
+
+
+def test_list_is_newest_first_paginated_and_filtered_by_status(api, make_api):
+    ids = [api.post(SUBMIT, {"prompt": f"p{i}"}, format="json").json()["task_id"] for i in range(3)]
+    make_api("bob").post(SUBMIT, {"prompt": "not alice's"}, format="json")
+    api.delete(f"/v1/tasks/{ids[0]}")
+
+    listing = api.get("/v1/tasks").json()
+    assert listing["count"] == 3 and [t["task_id"] for t in listing["results"]] == ids[::-1]
+    assert [t["task_id"] for t in api.get("/v1/tasks?status=cancelled").json()["results"]] == [ids[0]]
+    assert api.get("/v1/tasks?status=submitted").json()["count"] == 2
+    bad = api.get("/v1/tasks?status=done")
+    assert bad.status_code == 400 and "status" in bad.json()
+
+
+def test_cancelling_a_queued_task_is_immediate_and_final(api, task_id):
+    response = api.delete(f"/v1/tasks/{task_id}")
+
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    again = api.delete(f"/v1/tasks/{task_id}")
+    assert again.status_code == 409 and "cancelled" in again.json()["detail"]
+    assert VideoTask.objects.get(task_id=task_id).finished_at is not None
+
+
+def test_result_before_success_is_409_with_the_status_body(api, task_id):
+    response = api.get(f"/v1/tasks/{task_id}/result")
+    assert response.status_code == 409 and response.json()["status"] == "submitted"
+
+
+def test_result_and_download_stream_the_same_bytes(api, task_id):
+    public = _finished_video(task_id, b"video-bytes" * 100)
+    status = api.get(f"/v1/tasks/{task_id}/status").json()
+    assert status["file_path"] == public and status["result_url"].endswith(f"/v1/tasks/{task_id}/result")
+
+    result = api.get(f"/v1/tasks/{task_id}/result")
+    download = api.get(f"/v1/files/download/{public}")
+    assert result.status_code == download.status_code == 200
+    assert result["Content-Type"] == "video/mp4"
+    assert b"".join(result.streaming_content) == b"".join(download.streaming_content) == b"video-bytes" * 100
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "outputs/videos/../../../etc/passwd",
+        "outputs/../manage.py",
+        "outputs/videos/%2e%2e/%2e%2e/settings.py",
+        "outputs/videos/..%2f..%2fmanage.py",
+        "outputs/videos/%252e%252e%252fmanage.py",
+        "/etc/passwd",
+        "%2fetc%2fpasswd",
+        "outputs/videos/..\\..\\manage.py",
+        "manage.py",
+        "tasks_app/models.py",
+        "outputs/videos/",
+        "outputs/videos/%00.mp4",
+    ],
+)
+def test_download_traversal_attempts_are_404(api, task_id, path):
+    _finished_video(task_id)
+    response = api.get(f"/v1/files/download/{path}")
+    assert response.status_code == 404
+
+
+def test_download_refuses_a_symlink_even_for_the_owner(api, task_id, tmp_path):
+    public = _finished_video(task_id)
+    target = storage.video_file_for(task_id)
+    target.unlink()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    target.symlink_to(secret)
+    assert api.get(f"/v1/files/download/{public}").status_code == 404
+
+
+def test_queue_status_counts_per_status(api, task_id):
+    body = api.get("/v1/tasks/queue/status").json()
+    assert body["counts"]["submitted"] == 1 and body["counts"]["succeed"] == 0
+    assert set(body["counts"]) == {"submitted", "running", "succeed", "failed", "cancelled"}
+    assert body["live_workers"] == 0
+
+
+def test_service_status_and_metadata_need_no_token(client, db):
+    health = client.get("/v1/service/status")
+    assert health.status_code == 200 and health.json()["database"] is True
+    metadata = client.get("/v1/service/metadata").json()
+    assert metadata["defaults"]["infer_steps"] == 4 and metadata["defaults"]["width"] == 832
+    assert metadata["models"]["t2v"] == "t2v"
+
+
+def test_openapi_schema_and_docs_are_served(client, db):
+    schema = client.get("/openapi.json").json()
+    assert schema["openapi"].startswith("3.")
+    for path in ["/v1/tasks/video", "/v1/tasks/video/form", "/v1/tasks/{task_id}/status", "/v1/files/download/{file_path}"]:
+        assert path in schema["paths"], path
+    assert "multipart/form-data" in schema["paths"]["/v1/tasks/video/form"]["post"]["requestBody"]["content"]
+    assert "video/mp4" in schema["paths"]["/v1/tasks/{task_id}/result"]["get"]["responses"]["200"]["content"]
+    assert client.get("/docs").status_code == 200 and client.get("/redoc").status_code == 200

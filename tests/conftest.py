@@ -1,0 +1,154 @@
+"""Shared fixtures: the tiny Wan model, users with tokens, HTTP clients, real worker processes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model_dirs():
+    """Build the tiny T2V + I2V pair where the test settings point (once per session)."""
+    from django.conf import settings
+
+    from inference.tiny import build_tiny_models
+
+    if not getattr(settings, "LIGHTX2V_MODEL_PATH", ""):
+        return None  # plain-python runs (tests/inference) build their own
+    return build_tiny_models(Path(settings.LIGHTX2V_MODEL_PATH).parent)
+
+
+@pytest.fixture
+def make_user(db):
+    from django.contrib.auth import get_user_model
+
+    def make(username: str):
+        return get_user_model().objects.create_user(username=username)
+
+    return make
+
+
+@pytest.fixture
+def make_api(make_user):
+    """``make_api(username)`` → a DRF APIClient authenticated with a fresh Bearer token of that user."""
+    from rest_framework.test import APIClient
+
+    from tasks_app.models import ApiToken
+
+    def make(username: str):
+        user = make_user(username)
+        _, raw_key = ApiToken.issue(user=user)
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_key}")
+        client.user, client.raw_key = user, raw_key
+        return client
+
+    return make
+
+
+@pytest.fixture
+def api(make_api):
+    return make_api("alice")
+
+
+@pytest.fixture
+def input_root(settings, tmp_path):
+    """An input folder allowed for ``image_path`` (replaces the configured ones for this test)."""
+    root = tmp_path / "inputs"
+    root.mkdir()
+    settings.LIGHTX2V_INPUT_ROOTS = [root]
+    return root
+
+
+def png_bytes(width: int = 40, height: int = 24, color=(200, 30, 60)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class WorkerProcesses:
+    """Real ``manage.py qcluster`` subprocesses on the test database; stopped at teardown."""
+
+    def __init__(self, database_name: str, log_dir: Path):
+        self.database_name = database_name
+        self.log_dir = log_dir
+        self.processes: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(
+        self, count: int = 1, workers_each: int = 1, wait_ready: bool = True, extra_env: dict | None = None
+    ) -> None:
+        """Start ``count`` qclusters of ``workers_each`` processes; ``extra_env`` overrides settings for them."""
+        from tasks_app import selectors
+
+        env = dict(os.environ)
+        env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{self.database_name}"
+        env["LIGHTX2V_WORKERS"] = str(workers_each)
+        env["DJANGO_SETTINGS_MODULE"] = "lightx2v_site.settings"  # the environment is already complete
+        env.update(extra_env or {})
+        for _ in range(count):
+            log_path = self.log_dir / f"qcluster-{len(self.processes)}.log"
+            process = subprocess.Popen(
+                [sys.executable, "manage.py", "qcluster"],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log_path.open("wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            self.processes.append((process, log_path))
+        if wait_ready:
+            wait_for(lambda: selectors.live_worker_count() >= count * workers_each, timeout=60, what="workers up")
+
+    def stop(self) -> None:
+        for process, _ in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process, log_path in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}" for _, path in self.processes)
+
+
+@pytest.fixture
+def workers(transactional_db, tmp_path, request):
+    """Start real workers with ``workers.start(count)``; they share the test database with the test."""
+    from django.db import connection
+
+    pool = WorkerProcesses(connection.settings_dict["NAME"], tmp_path)
+    yield pool
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        print(pool.logs())
+    pool.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def wait_for(condition, *, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,165 @@
+"""A task's whole life through real parts: HTTP, PostgreSQL, qcluster worker processes, the tiny Wan model, MP4s."""
+import pytest
+import requests
+
+from inference.encode import probe_mp4
+from tasks_app.models import VideoTask
+from tests.conftest import png_bytes, wait_for
+
+pytestmark = pytest.mark.worker
+
+SMALL = {"height": 64, "width": 96, "video_duration": 1, "infer_steps": 4}
+FINISHED = {"succeed", "failed", "cancelled"}
+
+
+class HttpClient:
+    """``requests`` against the live server, as a user with a Bearer token."""
+
+    def __init__(self, base_url: str, raw_key: str):
+        self.base_url = base_url
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {raw_key}"
+
+    def __getattr__(self, method):
+        return lambda path, **kwargs: self.session.request(method.upper(), self.base_url + path, timeout=30, **kwargs)
+
+    def poll_until_finished(self, task_id: str, timeout: float = 120) -> tuple[dict, list[float]]:
+        """The final status body and every progress value seen on the way."""
+        seen: list[float] = []
+
+        def finished():
+            body = self.get(f"/v1/tasks/{task_id}/status").json()
+            seen.append(body["progress"])
+            return body if body["status"] in FINISHED else None
+
+        return wait_for(finished, timeout=timeout, what=f"task {task_id} to finish", interval=0.02), seen
+
+
+@pytest.fixture
+def http(live_server, make_api):
+    return HttpClient(live_server.url, make_api("alice").raw_key)
+
+
+def _submit(client, body: dict) -> str:
+    response = client.post("/v1/tasks/video", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()["task_id"]
+
+
+def _assert_video(content: bytes, tmp_path, *, width: int, height: int, frames: int) -> None:
+    video = tmp_path / "check.mp4"
+    video.write_bytes(content)
+    probe = probe_mp4(video)
+    assert (probe["codec"], probe["pix_fmt"], probe["fps"]) == ("h264", "yuv420p", 16)
+    assert (probe["width"], probe["height"], probe["frames"]) == (width, height, frames)
+
+
+def test_t2v_json_and_i2v_multipart_tasks_succeed_and_download_as_mp4(workers, http, tmp_path):
+    workers.start()
+    t2v_id = _submit(http, {"prompt": "a red fox in snow", **SMALL})
+    form = {key: str(value) for key, value in {**SMALL, "video_duration": 2, "width": 64}.items()}
+    i2v_response = http.post(
+        "/v1/tasks/video/form",
+        data={"prompt": "the fox turns its head", **form},
+        files={"image_file": ("fox.png", png_bytes(80, 48), "image/png")},
+    )
+    assert i2v_response.status_code == 201, i2v_response.text
+    i2v_id = i2v_response.json()["task_id"]
+
+    for task_id, (width, height, frames) in [(t2v_id, (96, 64, 17)), (i2v_id, (64, 64, 33))]:
+        final, seen = http.poll_until_finished(task_id)
+        assert final["status"] == "succeed", final["message"]
+        assert seen == sorted(seen) and final["progress"] == 1.0
+        assert final["file_path"] == f"outputs/videos/{task_id}.mp4" and final["finished_at"]
+        result = http.get(f"/v1/tasks/{task_id}/result")
+        download = http.get(f"/v1/files/download/{final['file_path']}")
+        assert result.status_code == download.status_code == 200
+        assert result.headers["Content-Type"] == "video/mp4" and result.content == download.content
+        _assert_video(result.content, tmp_path, width=width, height=height, frames=frames)
+    assert VideoTask.objects.get(task_id=i2v_id).task_type == "i2v"
+
+
+def test_the_same_request_twice_gives_byte_identical_videos(workers, http):
+    workers.start()
+    body = {"prompt": "waves at dusk", "seed": 1234, **SMALL}
+    first, second = _submit(http, body), _submit(http, body)
+    videos = []
+    for task_id in (first, second):
+        final, _ = http.poll_until_finished(task_id)
+        assert final["status"] == "succeed", final["message"]
+        videos.append(http.get(f"/v1/tasks/{task_id}/result").content)
+    assert videos[0] == videos[1] and len(videos[0]) > 1000
+
+
+def test_a_queued_task_cancelled_before_it_runs_never_runs(workers, http):
+    cancelled_id = _submit(http, {"prompt": "never", **SMALL})
+    assert http.delete(f"/v1/tasks/{cancelled_id}").json()["status"] == "cancelled"
+    workers.start()
+    later_id = _submit(http, {"prompt": "runs", **SMALL})
+
+    final, _ = http.poll_until_finished(later_id)
+
+    assert final["status"] == "succeed"
+    never = VideoTask.objects.get(task_id=cancelled_id)
+    assert never.status == "cancelled" and never.attempts == 0 and never.started_at is None
+    assert never.file_path == "" and not never.worker_name
+
+
+def test_a_running_task_cancelled_mid_way_stops_within_one_step_and_stays_cancelled(workers, http, settings):
+    workers.start()
+    task_id = _submit(http, {"prompt": "long", "height": 128, "width": 128, "video_duration": 3, "infer_steps": 50})
+    wait_for(
+        lambda: http.get(f"/v1/tasks/{task_id}/status").json()["progress"] >= 0.9 * 3 / 50,
+        timeout=120,
+        what="a few denoising steps",
+        interval=0.01,
+    )
+
+    cancel = http.delete(f"/v1/tasks/{task_id}")
+
+    assert cancel.status_code == 200 and cancel.json()["status"] == "cancelled"
+    steps_done_at_cancel = round(cancel.json()["progress"] / 0.9 * 50)
+    stopped = wait_for(
+        lambda: VideoTask.objects.get(task_id=task_id).run_stats.get("last_step"), timeout=60, what="worker to stop"
+    )
+    assert stopped <= steps_done_at_cancel + 1 < 50
+    next_id = _submit(http, {"prompt": "next", **SMALL})  # the worker is free again, and alive
+    assert http.poll_until_finished(next_id)[0]["status"] == "succeed"
+    task = VideoTask.objects.get(task_id=task_id)
+    assert task.status == "cancelled" and task.file_path == ""
+    assert not (settings.LIGHTX2V_OUTPUT_ROOT / "videos" / f"{task_id}.mp4").exists()
+
+
+def test_two_worker_processes_run_each_of_ten_tasks_exactly_once(workers, http):
+    workers.start(count=2)
+    task_ids = [_submit(http, {"prompt": f"task {i}", "seed": i, **SMALL}) for i in range(10)]
+
+    finals = [http.poll_until_finished(task_id, timeout=240)[0] for task_id in task_ids]
+
+    assert [final["status"] for final in finals] == ["succeed"] * 10
+    tasks = VideoTask.objects.filter(task_id__in=task_ids)
+    assert sorted(task.attempts for task in tasks) == [1] * 10
+    assert len({task.file_path for task in tasks}) == 10
+    assert len({task.worker_name for task in tasks}) >= 1
+
+
+def test_the_second_task_in_a_worker_reuses_the_loaded_pipeline(workers, http):
+    workers.start()
+    first = _submit(http, {"prompt": "one", **SMALL})
+    assert http.poll_until_finished(first)[0]["status"] == "succeed"
+    second = _submit(http, {"prompt": "two", **SMALL})
+    assert http.poll_until_finished(second)[0]["status"] == "succeed"
+
+    runs = [VideoTask.objects.get(task_id=task_id) for task_id in (first, second)]
+    assert runs[0].worker_name == runs[1].worker_name
+    assert runs[0].run_stats["pipeline_loads"] == runs[1].run_stats["pipeline_loads"] == 1
+
+
+def test_a_run_that_raises_ends_failed_with_the_reason(workers, http, tmp_path):
+    workers.start(extra_env={"LIGHTX2V_MODEL_PATH": str(tmp_path / "no-such-model")})
+    task_id = _submit(http, {"prompt": "doomed", **SMALL})
+
+    final, _ = http.poll_until_finished(task_id)
+
+    assert final["status"] == "failed"
+    assert "no-such-model" in final["message"] and final["message"].startswith("failed: ModelLoadError")
