@@ -130,9 +130,39 @@ LIGHTX2V_ALLOW_ANONYMOUS = env_bool("LIGHTX2V_ALLOW_ANONYMOUS", False)
 if LIGHTX2V_ALLOW_ANONYMOUS and not DEBUG:
     raise ImproperlyConfigured("LIGHTX2V_ALLOW_ANONYMOUS needs DEBUG on; never expose it on a network.")
 
-# Uploads larger than this are rejected before the body is read into memory.
-DATA_UPLOAD_MAX_MEMORY_SIZE = 30 * 1024 * 1024
+# Resource limits. Over the per-user cap of unfinished (submitted + running) tasks a submit gets 429,
+# over the global cap of queued tasks 503; both carry Retry-After.
+LIGHTX2V_MAX_UNFINISHED_PER_USER = env_int("LIGHTX2V_MAX_UNFINISHED_PER_USER", 20)
+LIGHTX2V_MAX_QUEUED = env_int("LIGHTX2V_MAX_QUEUED", 1000)
+LIGHTX2V_RETRY_AFTER_S = env_int("LIGHTX2V_RETRY_AFTER_S", 30)
+# How long an Idempotency-Key keeps returning its original task.
+LIGHTX2V_IDEMPOTENCY_TTL_S = env_int("LIGHTX2V_IDEMPOTENCY_TTL_S", 24 * 3600)
+
+# Request bodies: JSON (with a data: URL image, base64 of up to LIGHTX2V_MAX_UPLOAD_BYTES) is capped by
+# DATA_UPLOAD_MAX_MEMORY_SIZE; multipart uploads are cut off by tasks_app.uploads as they stream in.
+DATA_UPLOAD_MAX_MEMORY_SIZE = LIGHTX2V_MAX_UPLOAD_BYTES * 4 // 3 + 64 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+FILE_UPLOAD_HANDLERS = [
+    "tasks_app.uploads.SizeLimitedUploadHandler",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 100
+
+# HTTPS deployment (LIGHTX2V_HTTPS=1 behind a TLS proxy): secure cookies, HSTS, redirect to https.
+# `DEBUG=0 LIGHTX2V_HTTPS=1 SECRET_KEY=<50+ random chars> manage.py check --deploy` passes.
+LIGHTX2V_HTTPS = env_bool("LIGHTX2V_HTTPS", False)
+SECURE_SSL_REDIRECT = LIGHTX2V_HTTPS
+SESSION_COOKIE_SECURE = LIGHTX2V_HTTPS
+CSRF_COOKIE_SECURE = LIGHTX2V_HTTPS
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000) if LIGHTX2V_HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = LIGHTX2V_HTTPS
+SECURE_HSTS_PRELOAD = LIGHTX2V_HTTPS
+if env_bool("LIGHTX2V_BEHIND_PROXY", LIGHTX2V_HTTPS):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["tasks_app.authentication.BearerTokenAuthentication"],
@@ -155,6 +185,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "tasks_app.schema.document_auth_errors",
+    ],
 }
 
 # django-q2: messages only say "there is work"; the VideoTask row is the truth (see tasks_app/worker.py).

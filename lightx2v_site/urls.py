@@ -5,7 +5,20 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView, 
 
 from tasks_app.views import FileViewSet, ServiceViewSet, VideoTaskViewSet
 
-tasks = VideoTaskViewSet.as_view
+
+
+def routed(viewset, mapping: dict[str, str]):
+    """``viewset.as_view(mapping)`` with each action's own options (e.g. ``parser_classes``), as a router would."""
+    initkwargs: dict = {}
+    for action_name in mapping.values():
+        initkwargs.update(getattr(getattr(viewset, action_name), "kwargs", {}))
+    return viewset.as_view(mapping, **initkwargs)
+
+
+def tasks(mapping: dict[str, str]):
+    return routed(VideoTaskViewSet, mapping)
+
+
 urlpatterns = [
     path("v1/tasks/video", tasks({"post": "submit_json"}), name="task-submit"),
     path("v1/tasks/video/form", tasks({"post": "submit_form"}), name="task-submit-form"),
@@ -14,9 +27,9 @@ urlpatterns = [
     path("v1/tasks/<str:task_id>/status", tasks({"get": "poll"}), name="task-status"),
     path("v1/tasks/<str:task_id>/result", tasks({"get": "result"}), name="task-result"),
     path("v1/tasks/<str:task_id>", tasks({"delete": "cancel"}), name="task-cancel"),
-    path("v1/files/download/<path:file_path>", FileViewSet.as_view({"get": "download"}), name="file-download"),
-    path("v1/service/status", ServiceViewSet.as_view({"get": "health"}), name="service-status"),
-    path("v1/service/metadata", ServiceViewSet.as_view({"get": "metadata"}), name="service-metadata"),
+    path("v1/files/download/<path:file_path>", routed(FileViewSet, {"get": "download"}), name="file-download"),
+    path("v1/service/status", routed(ServiceViewSet, {"get": "health"}), name="service-status"),
+    path("v1/service/metadata", routed(ServiceViewSet, {"get": "metadata"}), name="service-metadata"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="swagger-ui"),
     path("redoc", SpectacularRedocView.as_view(url_name="openapi-schema"), name="redoc"),

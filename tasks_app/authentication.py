@@ -1,6 +1,7 @@
 """API authentication: ``Authorization: Bearer <key>`` (or DRF's ``Token <key>``) against ``ApiToken``."""
 from django.contrib.auth import get_user_model
 from django.utils import timezone
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
 from .models import ApiToken, hash_token
@@ -42,3 +43,13 @@ class LocalDemoAuthentication(authentication.BaseAuthentication):
     def authenticate(self, request):
         user, _ = get_user_model().objects.get_or_create(username=LOCAL_DEMO_USERNAME)
         return user, None
+
+
+class BearerTokenScheme(OpenApiAuthenticationExtension):
+    """Documents ``BearerTokenAuthentication`` in the OpenAPI schema as HTTP bearer auth."""
+
+    target_class = BearerTokenAuthentication
+    name = "bearerAuth"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "description": "an API token from `manage.py create_api_token`"}

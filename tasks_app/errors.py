@@ -27,6 +27,32 @@ class TaskNotRetryable(ServiceError):
     status_code = status.HTTP_409_CONFLICT
 
 
+class IdempotencyKeyReused(ServiceError):
+    """The caller's Idempotency-Key is live and belongs to a request with a different body."""
+
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+
+
+class RetryLater(ServiceError):
+    """A limit that clears by itself; the response carries ``Retry-After: retry_after_s``."""
+
+    def __init__(self, message: str, *, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyUnfinishedTasks(RetryLater):
+    """The caller already has the most unfinished tasks one user may have."""
+
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+
+
+class QueueFull(RetryLater):
+    """The whole service has as many queued tasks as it accepts."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+
+
 class PayloadTooLarge(exceptions.APIException):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_detail = "Request entity too large."
@@ -35,7 +61,8 @@ class PayloadTooLarge(exceptions.APIException):
 def api_exception_handler(exc, context):
     """DRF's handler plus domain errors; every error body is JSON."""
     if isinstance(exc, ServiceError):
-        return Response({"detail": exc.message}, status=exc.status_code)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RetryLater) else None
+        return Response({"detail": exc.message}, status=exc.status_code, headers=headers)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):

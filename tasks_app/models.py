@@ -82,6 +82,26 @@ class VideoTask(models.Model):
         return 16 * self.video_duration + 1
 
 
+class IdempotencyKey(models.Model):
+    """A client's ``Idempotency-Key`` for one submit: the same key and body return ``task`` again.
+
+    ``request_fingerprint`` is the SHA-256 of the canonical request body; a key is live for
+    ``LIGHTX2V_IDEMPOTENCY_TTL_S`` after ``created_at`` and then may be reused for a new task.
+    """
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="idempotency_keys")
+    key = models.CharField(max_length=255)
+    request_fingerprint = models.CharField(max_length=64)
+    task = models.ForeignKey(VideoTask, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["owner", "key"], name="idempotency_key_per_owner")]
+
+    def __str__(self) -> str:
+        return f"{self.key} -> {self.task_id}"
+
+
 def hash_token(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
 

@@ -7,8 +7,12 @@ changed again except by an explicit retry.
 """
 import logging
 import random
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F, Value
 from django.db.models.functions import Greatest
@@ -17,8 +21,14 @@ from django_q.tasks import async_task
 from PIL import Image
 
 from . import storage
-from .errors import TaskNotCancellable, TaskNotRetryable
-from .models import VideoTask
+from .errors import (
+    IdempotencyKeyReused,
+    QueueFull,
+    TaskNotCancellable,
+    TaskNotRetryable,
+    TooManyUnfinishedTasks,
+)
+from .models import IdempotencyKey, VideoTask
 
 logger = logging.getLogger(__name__)
 
@@ -36,24 +46,79 @@ def _wake_workers() -> None:
     async_task(WORKER_ENTRY, task_name="video-task")
 
 
-def task_submit(*, owner, params: dict[str, Any], image: Image.Image | None = None) -> VideoTask:
+@dataclass(frozen=True)
+class Submission:
+    """What a submit produced: the task, and whether it is new (False: an Idempotency-Key replay)."""
+
+    task: VideoTask
+    created: bool
+
+
+def task_submit(
+    *,
+    owner,
+    params: dict[str, Any],
+    image: Image.Image | None = None,
+    idempotency_key: str = "",
+    request_fingerprint: str = "",
+) -> Submission:
     """Create a submitted task from validated ``params`` and queue it; draws the seed if absent.
 
-    The row and its queue message are written in one transaction (the broker is this database),
-    so a task is never queued without a row nor stored without a message.
+    With an ``idempotency_key`` that is live for ``owner``: the same ``request_fingerprint``
+    returns the original task (``created=False``), another raises ``IdempotencyKeyReused``.
+    Raises ``TooManyUnfinishedTasks`` / ``QueueFull`` over the configured caps. The row, its
+    idempotency key and its queue message are written in one transaction (the broker is this
+    database), so a task is never queued without a row nor stored without a message.
     """
-    fields = dict(params)
-    if fields.get("seed") is None:
-        fields["seed"] = random.randint(0, MAX_SEED)
-    task = VideoTask(owner=owner, **fields)
-    task.task_type = VideoTask.TaskType.I2V if image is not None else VideoTask.TaskType.T2V
-    task.message = "queued"
     with transaction.atomic():
+        # One owner's submits run one at a time, so cap checks and key lookups see each other.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
+        if idempotency_key:
+            replayed = _replay(owner=owner, key=idempotency_key, request_fingerprint=request_fingerprint)
+            if replayed is not None:
+                return Submission(task=replayed, created=False)
+        _check_limits(owner=owner)
+        fields = dict(params)
+        if fields.get("seed") is None:
+            fields["seed"] = random.randint(0, MAX_SEED)
+        task = VideoTask(owner=owner, **fields)
+        task.task_type = VideoTask.TaskType.I2V if image is not None else VideoTask.TaskType.T2V
+        task.message = "queued"
         if image is not None:
             task.input_image = storage.save_input_image(image, task.task_id)
         task.save(force_insert=True)
+        if idempotency_key:
+            IdempotencyKey.objects.create(
+                owner=owner, key=idempotency_key, request_fingerprint=request_fingerprint, task=task
+            )
         _wake_workers()
-    return task
+    return Submission(task=task, created=True)
+
+
+def _replay(*, owner, key: str, request_fingerprint: str) -> VideoTask | None:
+    """The task a live key of ``owner`` already made, or None (an expired key is dropped)."""
+    expired_before = timezone.now() - timedelta(seconds=settings.LIGHTX2V_IDEMPOTENCY_TTL_S)
+    IdempotencyKey.objects.filter(owner=owner, key=key, created_at__lt=expired_before).delete()
+    live = IdempotencyKey.objects.select_related("task").filter(owner=owner, key=key).first()
+    if live is None:
+        return None
+    if live.request_fingerprint != request_fingerprint:
+        raise IdempotencyKeyReused("Idempotency-Key was already used with a different request body")
+    return live.task
+
+
+def _check_limits(*, owner) -> None:
+    unfinished = VideoTask.objects.filter(owner=owner, status__in=[Status.SUBMITTED, Status.RUNNING]).count()
+    if unfinished >= settings.LIGHTX2V_MAX_UNFINISHED_PER_USER:
+        raise TooManyUnfinishedTasks(
+            f"you have {unfinished} unfinished tasks; the limit is {settings.LIGHTX2V_MAX_UNFINISHED_PER_USER}",
+            retry_after_s=settings.LIGHTX2V_RETRY_AFTER_S,
+        )
+    if VideoTask.objects.filter(status=Status.SUBMITTED).count() >= settings.LIGHTX2V_MAX_QUEUED:
+        raise QueueFull(
+            f"the queue is full ({settings.LIGHTX2V_MAX_QUEUED} tasks waiting); try again later",
+            retry_after_s=settings.LIGHTX2V_RETRY_AFTER_S,
+        )
 
 
 def task_claim_next(*, worker_name: str) -> VideoTask | None:

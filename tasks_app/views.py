@@ -18,8 +18,7 @@ from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
-from . import selectors, services, storage
-from .errors import PayloadTooLarge
+from . import fingerprints, selectors, services, storage
 from .models import VideoTask
 from .serializers import (
     QueueStatusSerializer,
@@ -38,6 +37,19 @@ REQUEST_DEFAULTS = {
 MP4_RESPONSE = OpenApiResponse(response=OpenApiTypes.BINARY, description="the H.264 MP4 (video/mp4)")
 ERROR_RESPONSE = OpenApiResponse(
     response=inline_serializer("Error", {"detail": serializers.CharField()}), description="JSON error"
+)
+FIELD_ERRORS = OpenApiResponse(response=OpenApiTypes.OBJECT, description="field name -> list of rule failures")
+SUBMIT_ERRORS = {
+    400: FIELD_ERRORS,
+    422: OpenApiResponse(response=ERROR_RESPONSE.response, description="Idempotency-Key reused with another body"),
+    429: OpenApiResponse(response=ERROR_RESPONSE.response, description="too many unfinished tasks (Retry-After)"),
+    503: OpenApiResponse(response=ERROR_RESPONSE.response, description="queue full (Retry-After)"),
+}
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    location=OpenApiParameter.HEADER,
+    required=False,
+    description="1-255 printable ASCII characters; a repeat with the same body returns the original task (200)",
 )
 
 
@@ -61,45 +73,55 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
             raise NotFound()
         return task
 
-    def _created(self, task: VideoTask) -> Response:
-        body = TaskCreatedSerializer(
-            {"task_id": task.task_id, "status": task.status, "message": "Task created successfully"}
-        ).data
+    def _submitted(self, submission: services.Submission) -> Response:
+        task = submission.task
+        message = "Task created successfully" if submission.created else "Existing task for this Idempotency-Key"
+        body = TaskCreatedSerializer({"task_id": task.task_id, "status": task.status, "message": message}).data
         location = reverse("task-status", kwargs={"task_id": task.task_id})
-        return Response(body, status=status.HTTP_201_CREATED, headers={"Location": location})
+        code = status.HTTP_201_CREATED if submission.created else status.HTTP_200_OK
+        return Response(body, status=code, headers={"Location": location})
 
     @extend_schema(
         request=VideoRequestSerializer,
-        responses={201: TaskCreatedSerializer, 400: OpenApiTypes.OBJECT},
+        parameters=[IDEMPOTENCY_KEY],
+        responses={201: TaskCreatedSerializer, 200: TaskCreatedSerializer, **SUBMIT_ERRORS},
         summary="Submit a video task (JSON)",
     )
     @action(detail=False, methods=["post"], parser_classes=[JSONParser])
     def submit_json(self, request):
         request_serializer = VideoRequestSerializer(data=request.data)
         request_serializer.is_valid(raise_exception=True)
-        return self._created(self._submit(request_serializer.validated_data))
+        fingerprint = fingerprints.json_request(request.data)
+        return self._submitted(self._submit(request_serializer.validated_data, fingerprint))
 
     @extend_schema(
         request={"multipart/form-data": VideoFormRequestSerializer},
-        responses={201: TaskCreatedSerializer, 400: OpenApiTypes.OBJECT, 413: ERROR_RESPONSE},
+        parameters=[IDEMPOTENCY_KEY],
+        responses={201: TaskCreatedSerializer, 200: TaskCreatedSerializer, 413: ERROR_RESPONSE, **SUBMIT_ERRORS},
         summary="Submit a video task (multipart, with an image_file for I2V)",
     )
     @action(detail=False, methods=["post"], parser_classes=[MultiPartParser, FormParser])
     def submit_form(self, request):
-        upload = request.FILES.get("image_file")
-        if upload is not None and upload.size > settings.LIGHTX2V_MAX_UPLOAD_BYTES:
-            raise PayloadTooLarge(f"image_file must be at most {settings.LIGHTX2V_MAX_UPLOAD_BYTES} bytes")
+        # Uploads over LIGHTX2V_MAX_UPLOAD_BYTES were refused with 413 while streaming (tasks_app.uploads).
         request_serializer = VideoFormRequestSerializer(data=request.data)
         request_serializer.is_valid(raise_exception=True)
-        return self._created(self._submit(request_serializer.validated_data))
+        fingerprint = fingerprints.form_request(request.POST, request.FILES)
+        return self._submitted(self._submit(request_serializer.validated_data, fingerprint))
 
-    def _submit(self, validated: dict) -> VideoTask:
+    def _submit(self, validated: dict, request_fingerprint: str) -> services.Submission:
         params = dict(validated)
         image = params.pop("image")
-        return services.task_submit(owner=self.request.user, params=params, image=image)
+        return services.task_submit(
+            owner=self.request.user,
+            params=params,
+            image=image,
+            idempotency_key=fingerprints.idempotency_key(self.request),
+            request_fingerprint=request_fingerprint,
+        )
 
     @extend_schema(
         parameters=[OpenApiParameter("status", enum=VideoTask.Status.values, required=False)],
+        responses={200: TaskStatusSerializer(many=True), 400: FIELD_ERRORS, 404: ERROR_RESPONSE},
         summary="The caller's tasks, newest first",
     )
     def list(self, request):
