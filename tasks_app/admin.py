@@ -1,5 +1,6 @@
 """Operator views: every task with its progress, filters, search, and retry/cancel actions."""
 from django.contrib import admin, messages
+from django.utils import timezone
 
 from . import services
 from .errors import ServiceError
@@ -46,6 +47,12 @@ class ApiTokenAdmin(admin.ModelAdmin):
     search_fields = ("user__username", "name", "prefix")
     readonly_fields = ("user", "prefix", "created_at", "last_used_at")
     fields = ("user", "name", "prefix", "created_at", "last_used_at", "revoked_at")
+    actions = ("revoke_tokens",)
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke_tokens(self, request, queryset):
+        revoked = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"Revoked {revoked} token(s).", messages.SUCCESS)
 
     def has_add_permission(self, request) -> bool:
         return False  # the raw key is shown once: create tokens with `manage.py create_api_token`

@@ -1,0 +1,69 @@
+"""The operator admin: task list, filters, search, retry/cancel actions, token revocation."""
+import pytest
+
+from tasks_app.models import ApiToken, VideoTask
+
+SUBMIT = "/v1/tasks/video"
+
+
+@pytest.fixture
+def operator(client, django_user_model):
+    staff = django_user_model.objects.create_superuser("operator", password="pw-for-tests")
+    client.force_login(staff)
+    return client
+
+
+def _task(api, prompt: str) -> VideoTask:
+    return VideoTask.objects.get(task_id=api.post(SUBMIT, {"prompt": prompt}, format="json").json()["task_id"])
+
+
+def test_task_list_shows_filters_and_searches(operator, api):
+    _task(api, "a red balloon")
+    _task(api, "a blue whale")
+
+    page = operator.get("/admin/tasks_app/videotask/", {"q": "balloon"})
+
+    assert page.status_code == 200
+    assert b"1 result" in page.content
+    assert operator.get("/admin/tasks_app/videotask/", {"status__exact": "failed"}).status_code == 200
+
+
+def test_retry_action_requeues_failed_tasks_keeping_attempts(operator, api):
+    task = _task(api, "doomed")
+    VideoTask.objects.filter(pk=task.pk).update(status="failed", attempts=1, message="failed: boom")
+
+    response = operator.post(
+        "/admin/tasks_app/videotask/",
+        {"action": "retry_tasks", "_selected_action": [str(task.pk)]},
+        follow=True,
+    )
+
+    assert response.status_code == 200 and b"Queued again 1 task" in response.content
+    task.refresh_from_db()
+    assert (task.status, task.attempts, task.progress) == ("submitted", 1, 0.0)
+
+
+def test_cancel_action_cancels_queued_and_reports_the_refused(operator, api):
+    queued, finished = _task(api, "queued"), _task(api, "finished")
+    VideoTask.objects.filter(pk=finished.pk).update(status="succeed")
+
+    response = operator.post(
+        "/admin/tasks_app/videotask/",
+        {"action": "cancel_tasks", "_selected_action": [str(queued.pk), str(finished.pk)]},
+        follow=True,
+    )
+
+    assert b"Cancelled 1 task" in response.content and b"1 task(s) were not in a state" in response.content
+    assert VideoTask.objects.get(pk=queued.pk).status == "cancelled"
+    assert VideoTask.objects.get(pk=finished.pk).status == "succeed"
+
+
+def test_revoking_one_of_several_tokens_in_the_admin(operator, api, client):
+    other_token, other_key = ApiToken.issue(user=api.user, name="second")
+
+    operator.post(
+        "/admin/tasks_app/apitoken/", {"action": "revoke_tokens", "_selected_action": [str(other_token.pk)]}
+    )
+
+    assert api.get("/v1/tasks").status_code == 200  # the first token still works
+    assert client.get("/v1/tasks", HTTP_AUTHORIZATION=f"Bearer {other_key}").status_code == 401
