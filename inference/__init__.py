@@ -10,7 +10,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "InferenceOptions": "options",
     "ModelLoadError": "pipelines",
+    "applied_options": "pipelines",
     "clear_pipeline_cache": "pipelines",
     "load_count": "pipelines",
     "load_pipeline": "pipelines",
@@ -20,6 +22,7 @@ _EXPORTS = {
     "frames_for_duration": "generate",
     "generate_frames": "generate",
     "last_frame_image": "generate",
+    "warm_up": "generate",
     "encode_mp4": "encode",
     "probe_mp4": "encode",
     "build_tiny_models": "tiny",

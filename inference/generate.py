@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,8 +62,8 @@ class GenerationRequest:
         return "t2v" if self.image is None else "i2v"
 
 
-def _to_uint8(frames: np.ndarray) -> np.ndarray:
-    """Floats in [0, 1] -> uint8, rounded to nearest and clipped."""
+def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Pipeline frames (floats in [0, 1]) -> uint8, rounded to nearest and clipped."""
     return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -74,11 +77,13 @@ def generate_frames(
     T2V needs a ``WanPipeline``-like pipe and ``request.image is None``; I2V needs a
     ``WanImageToVideoPipeline`` and an image (mismatch: ``ValueError``). Noise comes from a
     CPU generator seeded with ``request.seed``, so a request is reproducible across devices
-    and byte-identical on CPU. ``on_step(step, total)`` runs after each denoising step with
-    step = 1..total. Any exception it raises stops generation at once (no VAE decode) and
-    propagates unchanged; model hooks are freed however the call ends.
+    and byte-identical on CPU. Prompt embeddings come from ``pipe``'s prompt cache (identical
+    to encoding afresh). ``guidance_scale <= 1`` runs one transformer pass per step (no
+    unconditional branch), above 1 two. ``on_step(step, total)`` runs after each denoising
+    step with step = 1..total. Any exception it raises stops generation at once (no VAE
+    decode) and propagates unchanged; model hooks are freed however the call ends, and after
+    a failure the run's tensors are released (and the CUDA cache emptied) before it propagates.
     """
-    import torch
     from diffusers import WanImageToVideoPipeline
 
     pipe_is_i2v = isinstance(pipe, WanImageToVideoPipeline)
@@ -87,15 +92,52 @@ def generate_frames(
             f"{request.kind} request needs a {'WanImageToVideoPipeline' if request.kind == 'i2v' else 'WanPipeline'},"
             f" got {type(pipe).__name__}"
         )
+    if pipe_is_i2v:
+        from .pipelines import patch_wan_i2v_without_ftfy
+
+        patch_wan_i2v_without_ftfy()  # for pipes not built by load_pipeline
+
+    try:
+        output = pipe(**_pipeline_kwargs(pipe, request, on_step))
+    except BaseException as exc:
+        try:
+            # The pipeline frees hooks (and resets cache state) itself on success only.
+            pipe.maybe_free_model_hooks()
+        finally:
+            _release_failed_run(exc)
+        raise
+
+    frames = frames_to_uint8(np.asarray(output.frames[0]))
+    expected = (request.num_frames, request.height, request.width, 3)
+    if frames.shape != expected:
+        raise RuntimeError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
+    return frames
+
+
+def _pipeline_kwargs(pipe, request: GenerationRequest, on_step: Callable[[int, int], None] | None) -> dict:
+    """Keyword arguments for one ``pipe(...)`` call; encodes the prompt (through the cache)."""
+    import torch
+
+    from .prompt_cache import MAX_SEQUENCE_LENGTH, encode_prompt_cached
 
     def step_callback(pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
         total = pipeline.num_timesteps or request.infer_steps
         on_step(step_index + 1, total)
         return callback_kwargs  # the pipeline pops tensors from what we return
 
-    kwargs = dict(
+    # The same rule the pipelines use (do_classifier_free_guidance): no CFG at <= 1.
+    guidance = request.guidance_scale > 1.0
+    embeds = encode_prompt_cached(
+        pipe,
         prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
+        negative_prompt=request.negative_prompt,
+        guidance=guidance,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    )
+    kwargs = dict(
+        prompt_embeds=embeds.prompt_embeds,
+        negative_prompt_embeds=embeds.negative_prompt_embeds,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
         height=request.height,
         width=request.width,
         num_frames=request.num_frames,
@@ -105,23 +147,47 @@ def generate_frames(
         output_type="np",
         callback_on_step_end=step_callback if on_step is not None else None,
     )
-    if pipe_is_i2v:
-        from .pipelines import patch_wan_i2v_without_ftfy
-
-        patch_wan_i2v_without_ftfy()  # for pipes not built by load_pipeline
+    if request.image is not None:
         kwargs["image"] = request.image.convert("RGB")
+    return kwargs
 
-    try:
-        output = pipe(**kwargs)
-    finally:
-        # The pipeline frees hooks itself on success only; an abort from on_step skips that.
-        pipe.maybe_free_model_hooks()
 
-    frames = _to_uint8(np.asarray(output.frames[0]))
-    expected = (request.num_frames, request.height, request.width, 3)
-    if frames.shape != expected:
-        raise RuntimeError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
-    return frames
+def _release_failed_run(exc: BaseException) -> None:
+    """Free what an aborted run still holds on the device before ``exc`` travels on.
+
+    The traceback keeps the pipeline's frames, and with them the latents and activations,
+    alive until the caller's ``except`` block ends; clearing those frames' locals (the
+    traceback text stays intact) lets ``empty_cache`` hand the memory back to the device.
+    """
+    import torch
+
+    traceback.clear_frames(exc.__traceback__)
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def warm_up(pipe, *, height: int, width: int, num_frames: int, steps: int = 1) -> float:
+    """Run one throw-away generation of this size so compiled code and kernels are ready.
+
+    Use the size the service will mostly see: with ``compile`` on, each new shape compiles
+    once (tens of seconds). I2V pipes get a plain grey image. Returns the seconds it took.
+    Raises what :func:`generate_frames` raises (``ValueError`` for an invalid size).
+    """
+    from diffusers import WanImageToVideoPipeline
+
+    image = None
+    if isinstance(pipe, WanImageToVideoPipeline):
+        image = Image.new("RGB", (width, height), (128, 128, 128))
+    request = GenerationRequest(
+        prompt="warm-up", image=image, infer_steps=steps, num_frames=num_frames, height=height, width=width
+    )
+    started = time.perf_counter()
+    generate_frames(pipe, request)
+    elapsed = time.perf_counter() - started
+    logger.info("warmed up %s at %dx%dx%d, %d step(s), in %.1f s",
+                type(pipe).__name__, width, height, num_frames, steps, elapsed)
+    return elapsed
 
 
 def last_frame_image(frames: np.ndarray) -> Image.Image:

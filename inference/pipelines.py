@@ -13,9 +13,12 @@ import pathlib
 import threading
 import time
 import types
+import weakref
 from typing import Any
 
 import torch
+
+from .options import InferenceOptions
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +28,9 @@ PIPELINE_CLASS_NAMES: dict[str, str] = {
     "i2v": "WanImageToVideoPipeline",
 }
 
-_cache: dict[tuple[str, str, str], Any] = {}
+_cache: dict[tuple[str, str, str, InferenceOptions], Any] = {}
+# pipe -> what apply_options chose for it (weak: dropping a pipe drops its entry).
+_applied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _load_count = 0
 # Held across the whole load so two threads asking for the same model load it once.
 _lock = threading.Lock()
@@ -60,6 +65,14 @@ def resolve_device(preference: str = "auto") -> tuple[torch.device, torch.dtype]
 def load_count() -> int:
     """How many times a pipeline was actually loaded from disk in this process."""
     return _load_count
+
+
+def applied_options(pipe) -> dict[str, str]:
+    """What :func:`load_pipeline` applied to ``pipe``, ``auto`` resolved (see ``fastpath.apply_options``).
+
+    Empty for pipelines that ``load_pipeline`` did not build.
+    """
+    return dict(_applied.get(pipe, {}))
 
 
 def clear_pipeline_cache() -> None:
@@ -97,23 +110,32 @@ def _check_model_dir(path: pathlib.Path, kind: str) -> None:
         raise ModelLoadError(f"{path} holds a {class_name}, expected {expected} for kind {kind!r}")
 
 
-def load_pipeline(model_path: str | os.PathLike, *, kind: str, device: str = "auto"):
+def load_pipeline(
+    model_path: str | os.PathLike,
+    *,
+    kind: str,
+    device: str = "auto",
+    options: InferenceOptions | None = None,
+):
     """Return the ``kind`` Wan pipeline at ``model_path`` on ``device``, loading it at most once.
 
     ``kind`` is ``"t2v"`` (``diffusers.WanPipeline``) or ``"i2v"``
     (``diffusers.WanImageToVideoPipeline``). The pipeline is loaded in the dtype that
-    :func:`resolve_device` picks, moved to the device, and has its progress bar disabled.
-    Later calls with the same resolved path, kind and device return the same object.
+    :func:`resolve_device` picks, moved to the device, has its progress bar disabled, gets
+    ``options`` applied (default: ``InferenceOptions()``; see :func:`applied_options`) and a
+    prompt-embedding cache of ``options.text_cache_size``. Later calls with the same resolved
+    path, kind, device and options return the same object; different options load another copy.
     Raises ``ModelLoadError`` (naming the path) when the directory is missing, holds another
-    pipeline class, fails to load, or CUDA is requested but unavailable; ``ValueError`` for
-    an unknown ``kind`` or ``device``.
+    pipeline class, fails to load, CUDA is requested but unavailable, or an explicit option
+    cannot run on the device; ``ValueError`` for an unknown ``kind`` or ``device``.
     """
     global _load_count
     if kind not in PIPELINE_CLASS_NAMES:
         raise ValueError(f"unknown pipeline kind {kind!r}; use one of {sorted(PIPELINE_CLASS_NAMES)}")
+    options = options if options is not None else InferenceOptions()
     torch_device, dtype = resolve_device(device)
     path = pathlib.Path(model_path).expanduser().resolve()
-    key = (str(path), kind, str(torch_device))
+    key = (str(path), kind, str(torch_device), options)
 
     with _lock:
         cached = _cache.get(key)
@@ -127,6 +149,8 @@ def load_pipeline(model_path: str | os.PathLike, *, kind: str, device: str = "au
 
         import diffusers
 
+        from .fastpath import OptionNotUsable, apply_options
+
         if kind == "i2v":
             patch_wan_i2v_without_ftfy()
         pipeline_class = getattr(diffusers, PIPELINE_CLASS_NAMES[kind])
@@ -138,9 +162,14 @@ def load_pipeline(model_path: str | os.PathLike, *, kind: str, device: str = "au
         _load_count += 1
         pipe.to(torch_device)
         pipe.set_progress_bar_config(disable=True)
+        try:
+            applied = apply_options(pipe, options, torch_device)
+        except OptionNotUsable as exc:
+            raise ModelLoadError(f"cannot apply inference options to {path} on {torch_device}: {exc}") from exc
+        _applied[pipe] = applied
         _cache[key] = pipe
         logger.info(
-            "loaded %s pipeline from %s on %s (%s) in %.1f s",
-            kind, path, torch_device, dtype, time.monotonic() - started,
+            "loaded %s pipeline from %s on %s (%s) in %.1f s with %s",
+            kind, path, torch_device, dtype, time.monotonic() - started, applied,
         )
         return pipe

@@ -30,8 +30,12 @@ _CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-
 _KINDS = ("t2v", "i2v")
 
 
-def _build_tokenizer():
-    """A T5Tokenizer with a tiny unigram vocab (pad, </s>, unk first, as T5 expects)."""
+def build_tiny_tokenizer():
+    """A T5Tokenizer with a tiny unigram vocab (pad, </s>, unk first, as T5 expects).
+
+    Its ids (< 200) are valid for any larger T5/UMT5 vocabulary too, so benchmarks can pair it
+    with a full-size random text encoder.
+    """
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -20.0)]
@@ -45,7 +49,7 @@ def _build_components(kind: str) -> dict:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tiny_tokenizer()
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=len(tokenizer),

@@ -1,0 +1,148 @@
+"""Apply :class:`~inference.options.InferenceOptions` to a loaded Wan pipeline, once.
+
+Each option resolves ``auto`` against the device it runs on and reports what it chose, so
+logs and run statistics say what actually ran (e.g. ``attention_backend: _native_cudnn``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from .options import InferenceOptions
+
+logger = logging.getLogger(__name__)
+
+# Tried in this order by attention_backend="auto" on CUDA: all exact (no quantisation).
+AUTO_CUDA_ATTENTION_BACKENDS = ("_flash_3", "flash", "_native_cudnn", "_native_flash")
+# vae_tiling="auto" turns tiling on below this much free device memory after the load: a
+# float32 Wan VAE decode of 81 frames at 1280x720 peaks at roughly this much (estimate).
+VAE_TILING_AUTO_MIN_FREE_BYTES = 24 * 2**30
+
+_VAE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class OptionNotUsable(RuntimeError):
+    """An explicitly requested option cannot run on this device or installation."""
+
+
+def apply_options(pipe, options: InferenceOptions, device: torch.device) -> dict[str, str]:
+    """Configure ``pipe`` (already on ``device``) for ``options``; return what was chosen.
+
+    This is everything :func:`~inference.pipelines.load_pipeline` does beyond loading, so a
+    pipeline built another way (e.g. a benchmark's random weights) gets the same fast path.
+    It also gives ``pipe`` a prompt-embedding cache of ``options.text_cache_size``.
+    The result has one string per option field, ``auto`` resolved (e.g. ``{"compile": "off",
+    "attention_backend": "native", ...}``). Raises :class:`OptionNotUsable` when an explicit
+    choice cannot run (e.g. ``flash`` without flash-attn, any CUDA kernel on CPU). Defaults
+    change nothing on CPU, so frames stay identical to the stock pipeline there.
+    """
+    from .prompt_cache import attach_prompt_cache
+
+    transformer = pipe.transformer
+    applied = options.as_strings()
+    applied["attention_backend"] = _apply_attention_backend(transformer, options.attention_backend, device)
+    applied["vae_dtype"] = _apply_vae_dtype(pipe.vae, options.vae_dtype)
+    applied["vae_tiling"] = _apply_vae_tiling(pipe.vae, options.vae_tiling, device)
+    applied["cache"] = _apply_cache(transformer, options)
+    # Compile last: it wraps blocks whose attention backend and cache hooks are now final.
+    applied["compile"] = _apply_compile(transformer, options.compile, device)
+    attach_prompt_cache(pipe, options.text_cache_size)
+    return applied
+
+
+def _apply_attention_backend(transformer, choice: str, device: torch.device) -> str:
+    if choice == "auto":
+        if device.type != "cuda":
+            return "native"  # leave the diffusers default untouched: identical frames
+        head_dim = transformer.config.attention_head_dim
+        for backend in AUTO_CUDA_ATTENTION_BACKENDS:
+            if _attention_backend_runs(backend, device, transformer.dtype, head_dim):
+                _set_attention_backend(transformer, backend)
+                return backend
+        return "native"
+    if not _attention_backend_runs(choice, device, transformer.dtype, transformer.config.attention_head_dim):
+        raise OptionNotUsable(
+            f"attention backend {choice!r} cannot run on {device} with {transformer.dtype} "
+            "(missing package, unsupported GPU, or a CUDA-only kernel on CPU)"
+        )
+    _set_attention_backend(transformer, choice)
+    return choice
+
+
+def _attention_backend_runs(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Run one small attention call through ``backend``; False if it is missing or fails."""
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _check_attention_backend_requirements,
+        dispatch_attention_fn,
+    )
+
+    try:
+        name = AttentionBackendName(backend)
+        _check_attention_backend_requirements(name)
+        # (batch, sequence, heads, head_dim): the layout diffusers' dispatcher takes.
+        query = torch.randn(1, 64, 2, head_dim, device=device, dtype=dtype)
+        with torch.no_grad():
+            dispatch_attention_fn(query, query, query, backend=name)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
+        logger.debug("attention backend %s not usable on %s: %s", backend, device, exc)
+        return False
+
+
+def _set_attention_backend(transformer, backend: str) -> None:
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # set_attention_backend also changes the process-wide default, which would silently
+    # switch every other diffusers model; each processor keeps its own copy, so restore it.
+    process_default = _AttentionBackendRegistry._active_backend
+    try:
+        transformer.set_attention_backend(backend)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(process_default)
+
+
+def _apply_vae_dtype(vae, choice: str) -> str:
+    dtype = _VAE_DTYPES[choice]
+    if vae.dtype != dtype:
+        vae.to(dtype=dtype)  # the pipelines cast latents to vae.dtype before decoding
+    return choice
+
+
+def _apply_vae_tiling(vae, choice: str, device: torch.device) -> str:
+    if choice == "auto":
+        enabled = device.type == "cuda" and _free_device_bytes(device) < VAE_TILING_AUTO_MIN_FREE_BYTES
+    else:
+        enabled = choice == "on"
+    if enabled:
+        vae.enable_tiling()
+    return "on" if enabled else "off"
+
+
+def _free_device_bytes(device: torch.device) -> int:
+    free_bytes, _total = torch.cuda.mem_get_info(device)
+    return free_bytes
+
+
+def _apply_cache(transformer, options: InferenceOptions) -> str:
+    if options.cache == "first_block":
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=options.cache_threshold))
+    elif options.cache == "taylorseer":
+        from diffusers.hooks import TaylorSeerCacheConfig
+
+        transformer.enable_cache(TaylorSeerCacheConfig())
+    return options.cache
+
+
+def _apply_compile(transformer, choice: bool | None, device: torch.device) -> str:
+    if choice is None:
+        # Inductor's GPU code generation needs triton; without it compile would fail on first use.
+        choice = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if choice:
+        transformer.compile_repeated_blocks(fullgraph=True)
+    return "on" if choice else "off"

@@ -1,0 +1,41 @@
+"""bench/inference.py: the tiny benchmark runs end to end; the real-size configs build on the meta device."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+BENCH_FILE = pathlib.Path(__file__).resolve().parents[2] / "bench" / "inference.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_inference", BENCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_cpu_benchmark_prints_every_row_and_identical_frames(bench, capsys):
+    assert bench.main(["--config", "tiny", "--device", "cpu", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    for row in ("text encode [s]", "denoise per step [s]", "VAE decode [s]", "MP4 encode [s]", "end to end [s]"):
+        assert row in table
+    assert "64x64x17, 4 steps, guidance 1.0" in table
+    assert "peak GPU memory" not in table  # CPU run
+    assert table.rstrip().splitlines()[-1].split() == ["max", "pixel", "difference", "(0-255)", "0"]
+
+
+@pytest.mark.parametrize("config, billions", [("1.3b", "1.42"), ("14b", "14.29")])
+def test_real_configs_build_on_the_meta_device_without_allocating(bench, capsys, config, billions):
+    assert bench.main(["--config", config, "--device", "cpu", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    transformer = next(line for line in lines if line.startswith("transformer"))
+    assert f"{billions} B params" in transformer and transformer.endswith("on meta")
+    assert any(line.startswith("text_encoder  UMT5EncoderModel           5.68 B") for line in lines)
+    assert "832x480x81, 4 steps" in "\n".join(lines)
+
+
+def test_real_config_without_cuda_is_refused_unless_dry_run(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--config", "1.3b", "--device", "cpu"])
