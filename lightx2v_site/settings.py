@@ -27,6 +27,11 @@ def env_int(name: str, default: int) -> int:
     return default if raw in (None, "") else int(raw)
 
 
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else float(raw)
+
+
 def env_paths(name: str, default: list[Path]) -> list[Path]:
     """A list of folders separated by ``os.pathsep`` (``:`` on Linux)."""
     raw = os.environ.get(name)
@@ -124,7 +129,16 @@ LIGHTX2V_MAX_PIXELS = env_int("LIGHTX2V_MAX_PIXELS", 1280 * 720)  # height x wid
 LIGHTX2V_MAX_UPLOAD_BYTES = env_int("LIGHTX2V_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
 LIGHTX2V_MAX_IMAGE_PIXELS = env_int("LIGHTX2V_MAX_IMAGE_PIXELS", 40_000_000)
 LIGHTX2V_WORKERS = env_int("LIGHTX2V_WORKERS", 1)  # worker processes per qcluster (one per GPU)
-LIGHTX2V_TASK_TIMEOUT = env_int("LIGHTX2V_TASK_TIMEOUT", 3600)  # seconds one video may take
+# Wall-clock limit of one generation (after the model is loaded); over it the task ends "failed".
+LIGHTX2V_TASK_TIMEOUT = env_int("LIGHTX2V_TASK_TIMEOUT", 3600)
+# Leases: a running task's worker refreshes heartbeat_at every LIGHTX2V_HEARTBEAT_S; a task whose heartbeat
+# is older than LIGHTX2V_LEASE_S is taken back by any worker's reaper and queued again, at most
+# LIGHTX2V_MAX_ATTEMPTS runs in all, then failed.
+LIGHTX2V_HEARTBEAT_S = env_float("LIGHTX2V_HEARTBEAT_S", 5)
+LIGHTX2V_LEASE_S = env_float("LIGHTX2V_LEASE_S", 60)
+LIGHTX2V_MAX_ATTEMPTS = env_int("LIGHTX2V_MAX_ATTEMPTS", 3)
+# SIGTERM lets the running task finish for this long, then hands it back to the queue.
+LIGHTX2V_SHUTDOWN_GRACE_S = env_float("LIGHTX2V_SHUTDOWN_GRACE_S", 60)
 # Anonymous access is for local demos only: requests without a token act as this local user.
 LIGHTX2V_ALLOW_ANONYMOUS = env_bool("LIGHTX2V_ALLOW_ANONYMOUS", False)
 if LIGHTX2V_ALLOW_ANONYMOUS and not DEBUG:
@@ -200,8 +214,10 @@ Q_CLUSTER = {
     "workers": LIGHTX2V_WORKERS,
     "queue_limit": 1,
     "bulk": 1,
-    "timeout": LIGHTX2V_TASK_TIMEOUT,
-    "retry": LIGHTX2V_TASK_TIMEOUT + 600,
+    # A backstop for a run that hangs outside the denoising loop (the loop enforces LIGHTX2V_TASK_TIMEOUT
+    # itself and keeps the process); django-q2 then replaces the process. retry must exceed timeout.
+    "timeout": LIGHTX2V_TASK_TIMEOUT + 600,
+    "retry": LIGHTX2V_TASK_TIMEOUT + 1200,
     "max_attempts": 1,
     "ack_failures": True,
     "recycle": 100_000,

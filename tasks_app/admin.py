@@ -4,17 +4,31 @@ from django.utils import timezone
 
 from . import services
 from .errors import ServiceError
-from .models import ApiToken, VideoTask
+from .models import ApiToken, TaskAttempt, VideoTask
+
+
+class TaskAttemptInline(admin.TabularInline):
+    """Each run of the task: worker, start, end, outcome, error."""
+
+    model = TaskAttempt
+    fields = ("number", "worker_name", "started_at", "finished_at", "outcome", "error")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(VideoTask)
 class VideoTaskAdmin(admin.ModelAdmin):
-    list_display = ("task_id", "status", "progress", "task_type", "owner", "created_at", "attempts", "message")
+    list_display = ("task_id", "status", "progress", "task_type", "owner", "created_at", "attempt_count", "message")
     list_filter = ("status", "task_type", "created_at", "owner")
     search_fields = ("prompt", "task_id", "owner__username")
     date_hierarchy = "created_at"
     actions = ("retry_tasks", "cancel_tasks")
     readonly_fields = [f.name for f in VideoTask._meta.fields]
+    inlines = [TaskAttemptInline]
 
     def has_add_permission(self, request) -> bool:
         return False  # tasks enter through the API, which validates them

@@ -52,13 +52,17 @@ class VideoTask(models.Model):
     # The run.
     file_path = models.CharField(max_length=255, blank=True, help_text='e.g. "outputs/videos/<task_id>.mp4"')
     error = models.TextField(blank=True, help_text="the failure reason, for operators")
-    attempts = models.PositiveIntegerField(default=0, help_text="how many times a worker claimed it")
-    worker_name = models.CharField(max_length=255, blank=True, help_text="host:pid of the claiming worker")
+    attempt_count = models.PositiveIntegerField(default=0, help_text="how many times a worker claimed it")
+    worker_name = models.CharField(
+        max_length=255, blank=True, help_text="host:pid of the worker that holds (or last held) the lease"
+    )
     run_stats = models.JSONField(default=dict, blank=True, help_text="timings and pipeline-cache counters")
     created_at = models.DateTimeField(auto_now_add=True)
     queued_at = models.DateTimeField(default=timezone.now, help_text="when it (re-)entered the queue")
     started_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="last progress report")
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="last sign of life of the running worker; its lease ends LIGHTX2V_LEASE_S later"
+    )
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -100,6 +104,34 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} -> {self.task_id}"
+
+
+class TaskAttempt(models.Model):
+    """One run of a task by one worker: who, when, and how it ended (``outcome``)."""
+
+    class Outcome(models.TextChoices):
+        RUNNING = "running"
+        SUCCEED = "succeed"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+        TIMED_OUT = "timed_out"
+        LOST = "lost", "lost (worker stopped heartbeating)"
+        HANDED_BACK = "handed_back", "handed back (worker shutting down)"
+
+    task = models.ForeignKey(VideoTask, on_delete=models.CASCADE, related_name="attempt_records")
+    number = models.PositiveIntegerField(help_text="1 for the first run; equals the task's attempt_count when claimed")
+    worker_name = models.CharField(max_length=255)
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.RUNNING)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["task", "number"]
+        constraints = [models.UniqueConstraint(fields=["task", "number"], name="one_record_per_attempt")]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} #{self.number} {self.outcome}"
 
 
 def hash_token(raw_key: str) -> str:

@@ -9,7 +9,7 @@ Status = VideoTask.Status
 
 def tasks_of(*, owner, status: str | None = None) -> QuerySet[VideoTask]:
     """The owner's tasks, newest first, optionally of one status."""
-    tasks = VideoTask.objects.filter(owner=owner).order_by("-created_at")
+    tasks = VideoTask.objects.filter(owner=owner).prefetch_related("attempt_records").order_by("-created_at")
     return tasks.filter(status=status) if status else tasks
 
 

@@ -10,7 +10,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from . import images, selectors, storage
-from .models import VideoTask
+from .models import TaskAttempt, VideoTask
 from .services import MAX_SEED
 
 PROMPT_MAX_CHARS = 2000
@@ -135,9 +135,17 @@ class TaskCreatedSerializer(serializers.Serializer):
     message = serializers.CharField()
 
 
-class TaskStatusSerializer(serializers.ModelSerializer):
-    """A task as its owner sees it: state, progress, the parameters as used, and where the video is."""
+class TaskAttemptSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TaskAttempt
+        fields = ["number", "worker_name", "started_at", "finished_at", "outcome", "error"]
+        read_only_fields = fields
 
+
+class TaskStatusSerializer(serializers.ModelSerializer):
+    """A task as its owner sees it: state, progress, the parameters as used, its runs, and where the video is."""
+
+    attempts = TaskAttemptSerializer(source="attempt_records", many=True, read_only=True)
     queue_position = serializers.SerializerMethodField()
     result_url = serializers.SerializerMethodField()
 
@@ -147,7 +155,7 @@ class TaskStatusSerializer(serializers.ModelSerializer):
             "task_id", "status", "progress", "message", "task_type",
             "prompt", "negative_prompt", "image_path", "infer_steps", "video_duration", "seed",
             "height", "width", "num_fragments", "guidance_scale",
-            "created_at", "started_at", "finished_at", "attempts",
+            "created_at", "started_at", "finished_at", "attempt_count", "attempts",
             "queue_position", "file_path", "result_url", "run_stats",
         ]  # fmt: skip
         read_only_fields = fields

@@ -28,7 +28,7 @@ from .errors import (
     TaskNotRetryable,
     TooManyUnfinishedTasks,
 )
-from .models import IdempotencyKey, VideoTask
+from .models import IdempotencyKey, TaskAttempt, VideoTask
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +124,11 @@ def _check_limits(*, owner) -> None:
 def task_claim_next(*, worker_name: str) -> VideoTask | None:
     """Atomically move the oldest submitted task to ``running`` for ``worker_name``; None if none.
 
-    ``SKIP LOCKED`` lets concurrent workers pass over each other's candidate rows on PostgreSQL;
-    the conditional update makes the claim safe on databases without row locks too.
+    Oldest means earliest ``queued_at`` (FIFO across all workers; a recovered task keeps its
+    place). ``SKIP LOCKED`` lets concurrent workers pass over each other's candidate rows on
+    PostgreSQL; the conditional update makes the claim safe on databases without row locks too.
+    The returned task's ``worker_name`` and ``attempt_count`` identify this run: every later
+    write of the run is conditional on them, so a worker that lost its lease changes nothing.
     """
     while True:
         with transaction.atomic():
@@ -143,30 +146,52 @@ def task_claim_next(*, worker_name: str) -> VideoTask | None:
                 status=Status.RUNNING,
                 started_at=now,
                 heartbeat_at=now,
-                attempts=F("attempts") + 1,
+                attempt_count=F("attempt_count") + 1,
                 worker_name=worker_name,
                 progress=0.0,
                 message="loading model",
             )
-        if claimed:
-            return VideoTask.objects.get(pk=candidate)
+            if claimed:
+                task = VideoTask.objects.get(pk=candidate)
+                TaskAttempt.objects.create(
+                    task=task, number=task.attempt_count, worker_name=worker_name, started_at=now
+                )
+                return task
 
 
-def task_report_progress(*, task_id, progress: float, message: str) -> None:
-    """Record progress of a running task (kept monotonic); raise ``TaskNoLongerRunning`` if it was cancelled."""
-    updated = VideoTask.objects.filter(pk=task_id, status=Status.RUNNING).update(
+def _this_run(task: VideoTask):
+    """The task's row, only while it is still running under the lease ``task`` was claimed with."""
+    return VideoTask.objects.filter(
+        pk=task.pk, status=Status.RUNNING, worker_name=task.worker_name, attempt_count=task.attempt_count
+    )
+
+
+def _end_attempt(task: VideoTask, outcome: str, error: str = "") -> None:
+    TaskAttempt.objects.filter(task_id=task.pk, number=task.attempt_count, finished_at__isnull=True).update(
+        outcome=outcome, error=error, finished_at=timezone.now()
+    )
+
+
+def task_heartbeat(*, task: VideoTask) -> bool:
+    """Extend this run's lease; False when the run no longer holds it (cancelled, or taken back)."""
+    return bool(_this_run(task).update(heartbeat_at=timezone.now()))
+
+
+def task_report_progress(*, task: VideoTask, progress: float, message: str) -> None:
+    """Record progress of this run (kept monotonic); raise ``TaskNoLongerRunning`` once it lost the task."""
+    updated = _this_run(task).update(
         progress=Greatest(F("progress"), Value(min(progress, 1.0))),
         message=message,
         heartbeat_at=timezone.now(),
     )
     if not updated:
-        raise TaskNoLongerRunning(str(task_id))
+        raise TaskNoLongerRunning(str(task.pk))
 
 
-def task_finish(*, task_id, file_path: str, run_stats: dict[str, Any]) -> bool:
-    """Mark a running task succeeded with its video; False if it was cancelled meanwhile."""
-    return bool(
-        VideoTask.objects.filter(pk=task_id, status=Status.RUNNING).update(
+def task_finish(*, task: VideoTask, file_path: str, run_stats: dict[str, Any]) -> bool:
+    """Mark this run succeeded with its video; False if it lost the task meanwhile."""
+    with transaction.atomic():
+        finished = _this_run(task).update(
             status=Status.SUCCEED,
             progress=1.0,
             message="completed",
@@ -174,26 +199,74 @@ def task_finish(*, task_id, file_path: str, run_stats: dict[str, Any]) -> bool:
             run_stats=run_stats,
             finished_at=timezone.now(),
         )
-    )
+        if finished:
+            _end_attempt(task, TaskAttempt.Outcome.SUCCEED)
+    return bool(finished)
 
 
-def task_fail(*, task_id, error: str, run_stats: dict[str, Any] | None = None) -> bool:
-    """Mark a running task failed with a readable reason; False if it was no longer running."""
+def task_fail(
+    *, task: VideoTask, error: str, run_stats: dict[str, Any] | None = None, timed_out: bool = False
+) -> bool:
+    """Mark this run failed with a readable reason; False if it no longer held the task."""
     reason = error.strip().splitlines()[0][:400] if error.strip() else "unknown error"
-    return bool(
-        VideoTask.objects.filter(pk=task_id, status=Status.RUNNING).update(
+    with transaction.atomic():
+        failed = _this_run(task).update(
             status=Status.FAILED,
             message=f"failed: {reason}",
             error=error,
             run_stats=run_stats or {},
             finished_at=timezone.now(),
         )
-    )
+        if failed:
+            _end_attempt(task, TaskAttempt.Outcome.TIMED_OUT if timed_out else TaskAttempt.Outcome.FAILED, error)
+    return bool(failed)
 
 
-def task_record_run_stats(*, task_id, run_stats: dict[str, Any]) -> None:
+def task_hand_back(*, task: VideoTask, reason: str) -> bool:
+    """Return this run's task to the queue at its old place (the worker is shutting down)."""
+    with transaction.atomic():
+        handed_back = _this_run(task).update(
+            status=Status.SUBMITTED, progress=0.0, message=f"queued again: {reason}", heartbeat_at=None
+        )
+        if handed_back:
+            _end_attempt(task, TaskAttempt.Outcome.HANDED_BACK, reason)
+            _wake_workers()
+    return bool(handed_back)
+
+
+def task_record_run_stats(*, task: VideoTask, run_stats: dict[str, Any]) -> None:
     """Attach run statistics to a task without touching its status (e.g. where a cancel stopped it)."""
-    VideoTask.objects.filter(pk=task_id).update(run_stats=run_stats)
+    VideoTask.objects.filter(pk=task.pk, attempt_count=task.attempt_count).update(run_stats=run_stats)
+
+
+def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
+    """Take back running tasks whose heartbeat is older than ``lease_s``; returns them as updated.
+
+    Each goes back to ``submitted`` at its old place in the queue, or to ``failed`` once it
+    has had ``max_attempts`` runs; its open attempt is recorded as lost. Safe to call from
+    every worker at once: rows another reaper holds are skipped.
+    """
+    cutoff = timezone.now() - timedelta(seconds=lease_s)
+    reaped = []
+    with transaction.atomic():
+        stale = VideoTask.objects.select_for_update(skip_locked=True).filter(
+            status=Status.RUNNING, heartbeat_at__lt=cutoff
+        )
+        for task in stale:
+            lost = f"worker {task.worker_name} stopped heartbeating (lease {lease_s:g} s)"
+            _end_attempt(task, TaskAttempt.Outcome.LOST, lost)
+            if task.attempt_count >= max_attempts:
+                task.status, task.finished_at = Status.FAILED, timezone.now()
+                task.message = f"failed: gave up after {task.attempt_count} attempts; last: {lost}"
+                task.error = task.message
+            else:
+                task.status, task.progress, task.heartbeat_at = Status.SUBMITTED, 0.0, None
+                task.message = f"queued again: {lost}"
+                _wake_workers()
+            task.save(update_fields=["status", "progress", "message", "error", "heartbeat_at", "finished_at"])
+            logger.warning("task %s reaped: %s", task.pk, task.message)
+            reaped.append(task)
+    return reaped
 
 
 def task_cancel(*, task: VideoTask) -> VideoTask:
@@ -202,11 +275,13 @@ def task_cancel(*, task: VideoTask) -> VideoTask:
     Raises ``TaskNotCancellable`` when the task already finished.
     """
     was_running = task.status == Status.RUNNING
-    now = timezone.now()
-    cancelled = VideoTask.objects.filter(pk=task.pk, status__in=[Status.SUBMITTED, Status.RUNNING]).update(
-        status=Status.CANCELLED, message="cancelled by user", finished_at=now
-    )
-    task.refresh_from_db()
+    with transaction.atomic():
+        cancelled = VideoTask.objects.filter(pk=task.pk, status__in=[Status.SUBMITTED, Status.RUNNING]).update(
+            status=Status.CANCELLED, message="cancelled by user", finished_at=timezone.now()
+        )
+        task.refresh_from_db()
+        if cancelled:
+            _end_attempt(task, TaskAttempt.Outcome.CANCELLED, "cancelled by user")
     if not cancelled:
         raise TaskNotCancellable(f"task is already {task.status}", task=task)
     logger.info("task %s cancelled (was %s)", task.pk, "running" if was_running else "queued")

@@ -13,19 +13,27 @@ import traceback
 
 import numpy as np
 from django.conf import settings
+from django.db import DatabaseError, connection
 from django_q.exceptions import TimeoutException
 
 from inference.encode import encode_mp4
 from inference.generate import FPS, GenerationRequest, frames_for_duration, generate_frames, last_frame_image
 from inference.pipelines import load_count, load_pipeline
 
-from . import services, storage
-from .models import VideoTask
+from . import services, storage, worker_process
 
 logger = logging.getLogger(__name__)
 
 DENOISE_SHARE = 0.9  # progress given to denoising; decode and encode take the rest
 ENCODE_PROGRESS = 0.95
+
+
+class TaskTimedOut(Exception):
+    """The run passed ``LIGHTX2V_TASK_TIMEOUT``."""
+
+
+class HandBack(Exception):
+    """The worker was told to stop and the grace period is over: the task goes back to the queue."""
 
 
 def worker_name() -> str:
@@ -34,50 +42,106 @@ def worker_name() -> str:
 
 def run_next_task() -> str | None:
     """Claim and run one submitted task; returns its id, or None when the queue was empty."""
+    if worker_process.shutting_down():
+        return None  # a stopping worker takes nothing new; the message is harmless to drop
     task = services.task_claim_next(worker_name=worker_name())
     if task is None:
         return None
-    logger.info("task %s claimed by %s", task.task_id, task.worker_name)
-    execute_task(task)
+    logger.info("task %s claimed by %s (attempt %d)", task.task_id, task.worker_name, task.attempt_count)
+    run = worker_process.begin(task)
+    try:
+        execute_task(run)
+    finally:
+        worker_process.end()
+        worker_process.exit_if_shutting_down()
     return str(task.task_id)
 
 
-def execute_task(task: VideoTask) -> None:
-    """Run a claimed task to ``succeed`` or ``failed``; stop quietly if it gets cancelled."""
-    run_stats: dict = {"worker": task.worker_name}
+def execute_task(run: worker_process.Run) -> None:
+    """Run a claimed task to ``succeed`` or ``failed``, hand it back on shutdown, stop quietly once cancelled."""
+    task = run.task
+    run_stats: dict = {"worker": task.worker_name, "attempt": task.attempt_count}
     try:
-        frames = _generate(task, run_stats)
-        services.task_report_progress(task_id=task.task_id, progress=ENCODE_PROGRESS, message="encoding")
+        frames = _generate(run, run_stats)
+        _report(run, ENCODE_PROGRESS, "encoding")
         started = time.perf_counter()
         video_file = storage.video_file_for(task.task_id)
         encode_mp4(frames, video_file, fps=FPS)
         run_stats["encode_s"] = round(time.perf_counter() - started, 3)
-        if not services.task_finish(
-            task_id=task.task_id, file_path=storage.video_public_path(task.task_id), run_stats=run_stats
-        ):
-            video_file.unlink(missing_ok=True)  # cancelled while encoding: leave nothing behind
+        finished = _with_database_retry(
+            lambda: services.task_finish(
+                task=task, file_path=storage.video_public_path(task.task_id), run_stats=run_stats
+            )
+        )
+        if not finished:
+            video_file.unlink(missing_ok=True)  # cancelled (or taken back) while encoding: leave nothing behind
             raise services.TaskNoLongerRunning(str(task.task_id))
         logger.info("task %s succeeded: %s", task.task_id, run_stats)
     except services.TaskNoLongerRunning:
-        logger.info("task %s stopped: no longer running (cancelled)", task.task_id)
-        services.task_record_run_stats(task_id=task.task_id, run_stats=run_stats)
-    except TimeoutException:
-        services.task_fail(task_id=task.task_id, error=f"timed out after {settings.LIGHTX2V_TASK_TIMEOUT} s")
-        raise
+        logger.info("task %s stopped: no longer ours (cancelled or lease lost)", task.task_id)
+        services.task_record_run_stats(task=task, run_stats=run_stats)
+    except HandBack:
+        logger.info("task %s handed back: worker shutting down", task.task_id)
+        _with_database_retry(lambda: services.task_hand_back(task=task, reason="worker shut down"))
+    except (TaskTimedOut, TimeoutException):
+        limit = settings.LIGHTX2V_TASK_TIMEOUT
+        _with_database_retry(
+            lambda: services.task_fail(
+                task=task, error=f"timed out after {limit} s", run_stats=run_stats, timed_out=True
+            )
+        )
     except Exception as exc:  # noqa: BLE001 - any failure of a run is recorded on the task
         logger.exception("task %s failed", task.task_id)
-        services.task_fail(
-            task_id=task.task_id, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", run_stats=run_stats
-        )
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        _with_database_retry(lambda: services.task_fail(task=task, error=error, run_stats=run_stats))
 
 
-def _generate(task: VideoTask, run_stats: dict) -> np.ndarray:
+def _with_database_retry(write, *, patience_s: float | None = None):
+    """Run a final state write, retrying while the database is unreachable (up to the lease length).
+
+    Past that the lease has run out anyway and a reaper will take the task back.
+    """
+    deadline = time.monotonic() + (settings.LIGHTX2V_LEASE_S if patience_s is None else patience_s)
+    while True:
+        try:
+            return write()
+        except DatabaseError as exc:
+            connection.close()
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("database unavailable (%s); retrying the task's final write", exc)
+            time.sleep(1.0)
+
+
+def _report(run: worker_process.Run, progress: float, message: str) -> None:
+    """Record progress, and stop the run when it is no longer ours, overdue on shutdown, or out of time.
+
+    A failed progress write (database down) is logged and skipped: it never stops a generation.
+    """
+    if run.lease_lost.is_set():
+        raise services.TaskNoLongerRunning(str(run.task.pk))
+    try:
+        services.task_report_progress(task=run.task, progress=progress, message=message)
+    except DatabaseError as exc:
+        logger.warning("progress of task %s not recorded: %s", run.task.pk, exc)
+        connection.close()
+    if worker_process.shutdown_overdue():
+        raise HandBack()
+    if run.deadline is not None and time.monotonic() > run.deadline:
+        raise TaskTimedOut()
+
+
+def _generate(run: worker_process.Run, run_stats: dict) -> np.ndarray:
     """Denoise and decode every fragment; later fragments continue from the previous last frame."""
+    task = run.task
     image = storage.open_input_image(task.input_image) if task.input_image else None
     fragments: list[np.ndarray] = []
     for index in range(task.num_fragments):
         kind = "i2v" if image is not None else "t2v"
         pipe = _pipeline(kind, run_stats)
+        if index == 0:
+            # The time limit covers generation, not a model's first load.
+            run.deadline = time.monotonic() + settings.LIGHTX2V_TASK_TIMEOUT
         request = GenerationRequest(
             prompt=task.prompt,
             negative_prompt=task.negative_prompt,
@@ -90,7 +154,7 @@ def _generate(task: VideoTask, run_stats: dict) -> np.ndarray:
             guidance_scale=task.guidance_scale,
         )
         started = time.perf_counter()
-        frames = generate_frames(pipe, request, on_step=_progress_reporter(task, index, run_stats))
+        frames = generate_frames(pipe, request, on_step=_progress_reporter(run, index, run_stats))
         run_stats["denoise_decode_s"] = round(run_stats.get("denoise_decode_s", 0) + time.perf_counter() - started, 3)
         # The first frame of a continuation repeats the seam frame it was conditioned on.
         fragments.append(frames if index == 0 else frames[1:])
@@ -111,9 +175,9 @@ def _pipeline(kind: str, run_stats: dict):
     return pipe
 
 
-def _progress_reporter(task: VideoTask, fragment_index: int, run_stats: dict):
-    """A step callback that records progress and raises ``TaskNoLongerRunning`` once cancelled."""
-    fragments = task.num_fragments
+def _progress_reporter(run: worker_process.Run, fragment_index: int, run_stats: dict):
+    """A step callback that records progress and stops the run as ``_report`` decides."""
+    fragments = run.task.num_fragments
 
     def on_step(step: int, total: int) -> None:
         run_stats["last_step"] = step
@@ -121,6 +185,6 @@ def _progress_reporter(task: VideoTask, fragment_index: int, run_stats: dict):
         where = f"step {step}/{total}"
         if fragments > 1:
             where = f"fragment {fragment_index + 1}/{fragments}, {where}"
-        services.task_report_progress(task_id=task.task_id, progress=DENOISE_SHARE * done, message=where)
+        _report(run, DENOISE_SHARE * done, where)
 
     return on_step

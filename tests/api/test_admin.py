@@ -30,7 +30,7 @@ def test_task_list_shows_filters_and_searches(operator, api):
 
 def test_retry_action_requeues_failed_tasks_keeping_attempts(operator, api):
     task = _task(api, "doomed")
-    VideoTask.objects.filter(pk=task.pk).update(status="failed", attempts=1, message="failed: boom")
+    VideoTask.objects.filter(pk=task.pk).update(status="failed", attempt_count=1, message="failed: boom")
 
     response = operator.post(
         "/admin/tasks_app/videotask/",
@@ -40,7 +40,7 @@ def test_retry_action_requeues_failed_tasks_keeping_attempts(operator, api):
 
     assert response.status_code == 200 and b"Queued again 1 task" in response.content
     task.refresh_from_db()
-    assert (task.status, task.attempts, task.progress) == ("submitted", 1, 0.0)
+    assert (task.status, task.attempt_count, task.progress) == ("submitted", 1, 0.0)
 
 
 def test_cancel_action_cancels_queued_and_reports_the_refused(operator, api):

@@ -101,7 +101,7 @@ def test_a_queued_task_cancelled_before_it_runs_never_runs(workers, http):
 
     assert final["status"] == "succeed"
     never = VideoTask.objects.get(task_id=cancelled_id)
-    assert never.status == "cancelled" and never.attempts == 0 and never.started_at is None
+    assert never.status == "cancelled" and never.attempt_count == 0 and never.started_at is None
     assert never.file_path == "" and not never.worker_name
 
 
@@ -138,7 +138,7 @@ def test_two_worker_processes_run_each_of_ten_tasks_exactly_once(workers, http):
 
     assert [final["status"] for final in finals] == ["succeed"] * 10
     tasks = VideoTask.objects.filter(task_id__in=task_ids)
-    assert sorted(task.attempts for task in tasks) == [1] * 10
+    assert sorted(task.attempt_count for task in tasks) == [1] * 10
     assert len({task.file_path for task in tasks}) == 10
     assert len({task.worker_name for task in tasks}) >= 1
 

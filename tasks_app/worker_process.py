@@ -1,0 +1,128 @@
+"""What one qcluster worker process keeps between tasks: its current run, a heartbeat thread, a shutdown flag.
+
+``start()`` runs in each worker process once django-q2 has spawned it (``post_spawn``), never in
+the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``:
+
+* extends the lease of the task this process is running (``services.task_heartbeat``), and
+  marks the run lost when the lease is gone (cancelled, or taken back by a reaper);
+* reaps tasks of other workers whose lease ran out (``services.task_reap_stale``).
+
+SIGTERM while idle exits at once; while a task runs, the run may go on for
+``LIGHTX2V_SHUTDOWN_GRACE_S`` and is then handed back to the queue at its next step. Database
+errors in the thread are logged and the connection is reopened on the next beat: a database
+restart never kills a worker.
+"""
+import logging
+import os
+import signal
+import threading
+import time
+
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections, connection
+
+from . import services
+from .models import VideoTask
+
+logger = logging.getLogger(__name__)
+
+
+class Run:
+    """The task this process is running, as claimed (its ``worker_name`` + ``attempt_count`` are the lease)."""
+
+    def __init__(self, task: VideoTask):
+        self.task = task
+        self.lease_lost = threading.Event()  # set by the heartbeat thread; the next step stops the run
+        self.deadline: float | None = None  # time.monotonic() limit of the generation, once the model is loaded
+
+
+_current: Run | None = None
+_current_lock = threading.Lock()
+_shutdown_deadline: float | None = None  # time.monotonic() after which the run is handed back
+
+
+def begin(task: VideoTask) -> Run:
+    global _current
+    with _current_lock:
+        _current = Run(task)
+        return _current
+
+
+def end() -> None:
+    global _current
+    with _current_lock:
+        _current = None
+
+
+def shutdown_overdue() -> bool:
+    """True once SIGTERM's grace period is over: the running task should be handed back now."""
+    return _shutdown_deadline is not None and time.monotonic() >= _shutdown_deadline
+
+
+def shutting_down() -> bool:
+    return _shutdown_deadline is not None
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _shutdown_deadline
+    if _current is None:
+        _exit_now()
+    if _shutdown_deadline is None:
+        _shutdown_deadline = time.monotonic() + settings.LIGHTX2V_SHUTDOWN_GRACE_S
+        logger.info("SIGTERM: finishing task %s within %s s", _current.task.pk, settings.LIGHTX2V_SHUTDOWN_GRACE_S)
+
+
+def _exit_now() -> None:
+    # os._exit works from the heartbeat thread too; an idle worker has nothing to clean up.
+    logging.shutdown()
+    os._exit(0)
+
+
+def exit_if_shutting_down() -> None:
+    """Called after a run ends: a process told to stop does not take another task."""
+    if shutting_down():
+        logger.info("worker %s exits after SIGTERM", os.getpid())
+        _exit_now()
+
+
+def _beat() -> None:
+    with _current_lock:
+        run = _current
+    if run is not None and not run.lease_lost.is_set() and not services.task_heartbeat(task=run.task):
+        run.lease_lost.set()
+    services.task_reap_stale(lease_s=settings.LIGHTX2V_LEASE_S, max_attempts=settings.LIGHTX2V_MAX_ATTEMPTS)
+
+
+def _heartbeat_loop(parent_pid: int) -> None:
+    global _shutdown_deadline
+    while True:
+        time.sleep(settings.LIGHTX2V_HEARTBEAT_S)
+        if os.getppid() != parent_pid and _shutdown_deadline is None:
+            # The cluster's sentinel died (e.g. SIGTERM to the process group): behave as told to stop.
+            logger.warning("worker %s lost its cluster; shutting down", os.getpid())
+            _shutdown_deadline = time.monotonic() + settings.LIGHTX2V_SHUTDOWN_GRACE_S
+            if _current is None:
+                _exit_now()
+        try:
+            close_old_connections()
+            _beat()
+        except DatabaseError as exc:
+            logger.warning("heartbeat: database unavailable (%s); retrying", exc)
+            connection.close()
+        except Exception:  # noqa: BLE001 - the heartbeat thread must outlive any single failure
+            logger.exception("heartbeat failed")
+
+
+_started = False
+
+
+def start(**signal_kwargs) -> None:
+    """Install the SIGTERM handler and start the heartbeat thread (once per process)."""
+    global _started
+    if _started:
+        return
+    _started = True
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    threading.Thread(
+        target=_heartbeat_loop, args=(os.getppid(),), name="lightx2v-heartbeat", daemon=True
+    ).start()
