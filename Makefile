@@ -32,8 +32,8 @@ run: migrate
 	@echo "API token for user 'local' (send it as 'Authorization: Bearer <token>'):"
 	@$(RUN_ENV) $(PY) manage.py create_api_token local --name "make run"
 	@echo "Serving on http://127.0.0.1:$(PORT)/  (docs: /docs, admin: /admin/); Ctrl-C stops web and worker."
-	@trap 'kill 0' INT TERM EXIT; \
-	$(RUN_ENV) $(PY) manage.py qcluster & \
+	@$(RUN_ENV) $(PY) manage.py qcluster & worker=$$!; \
+	trap 'kill -TERM $$worker 2>/dev/null; wait $$worker' INT TERM EXIT; \
 	$(RUN_ENV) $(PY) manage.py runserver 127.0.0.1:$(PORT) --noreload
 
 test: install

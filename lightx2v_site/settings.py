@@ -201,7 +201,7 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "tasks_app.schema.document_auth_errors",
+        "tasks_app.schema.document_common_errors",
     ],
 }
 

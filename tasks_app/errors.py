@@ -1,9 +1,15 @@
 """Domain errors raised by services, and the one place that turns them (and Django's) into JSON 4xx."""
+import logging
+
 from django.core.exceptions import PermissionDenied
+from django.db import OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
+
+logger = logging.getLogger(__name__)
+DATABASE_RETRY_AFTER_S = 5
 
 
 class ServiceError(Exception):
@@ -63,6 +69,14 @@ def api_exception_handler(exc, context):
     if isinstance(exc, ServiceError):
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RetryLater) else None
         return Response({"detail": exc.message}, status=exc.status_code, headers=headers)
+    if isinstance(exc, OperationalError):
+        # The database is restarting or unreachable: a retryable 503, never a 500.
+        logger.warning("database unavailable: %s", exc)
+        return Response(
+            {"detail": "The database is unavailable; try again shortly."},
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+        )
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):

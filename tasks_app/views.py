@@ -185,6 +185,12 @@ def _stream_video(path: Path) -> FileResponse:
     return FileResponse(path.open("rb"), content_type="video/mp4", filename=path.name)
 
 
+SERVICE_STATUS = inline_serializer(
+    "ServiceStatus",
+    {"status": serializers.CharField(), "database": serializers.BooleanField(), "live_workers": serializers.IntegerField()},
+)
+
+
 class ServiceViewSet(viewsets.ViewSet):
     """Health and configuration; no token needed."""
 
@@ -192,16 +198,7 @@ class ServiceViewSet(viewsets.ViewSet):
     authentication_classes: list = []
 
     @extend_schema(
-        responses={
-            200: inline_serializer(
-                "ServiceStatus",
-                {
-                    "status": serializers.CharField(),
-                    "database": serializers.BooleanField(),
-                    "live_workers": serializers.IntegerField(),
-                },
-            )
-        },
+        responses={200: SERVICE_STATUS, 503: SERVICE_STATUS},
         summary="Health: database reachable, live workers",
     )
     @action(detail=False, methods=["get"])

@@ -7,8 +7,9 @@ the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``
   marks the run lost when the lease is gone (cancelled, or taken back by a reaper);
 * reaps tasks of other workers whose lease ran out (``services.task_reap_stale``).
 
-SIGTERM while idle exits at once; while a task runs, the run may go on for
-``LIGHTX2V_SHUTDOWN_GRACE_S`` and is then handed back to the queue at its next step. Database
+Shutdown (SIGTERM to this process, or its cluster stopping after SIGTERM to ``qcluster``): an idle
+worker exits at once; a running task may go on for ``LIGHTX2V_SHUTDOWN_GRACE_S`` and is then handed
+back to the queue at its next step. Database
 errors in the thread are logged and the connection is reopened on the next beat: a database
 restart never kills a worker.
 """
@@ -20,6 +21,8 @@ import time
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
+from django_q.conf import Conf
+from django_q.status import Stat
 
 from . import services
 from .models import VideoTask
@@ -64,12 +67,7 @@ def shutting_down() -> bool:
 
 
 def _on_sigterm(signum, frame) -> None:
-    global _shutdown_deadline
-    if _current is None:
-        _exit_now()
-    if _shutdown_deadline is None:
-        _shutdown_deadline = time.monotonic() + settings.LIGHTX2V_SHUTDOWN_GRACE_S
-        logger.info("SIGTERM: finishing task %s within %s s", _current.task.pk, settings.LIGHTX2V_SHUTDOWN_GRACE_S)
+    _begin_shutdown("SIGTERM")
 
 
 def _exit_now() -> None:
@@ -93,18 +91,33 @@ def _beat() -> None:
     services.task_reap_stale(lease_s=settings.LIGHTX2V_LEASE_S, max_attempts=settings.LIGHTX2V_MAX_ATTEMPTS)
 
 
-def _heartbeat_loop(parent_pid: int) -> None:
+def _cluster_is_stopping(sentinel_pid: int) -> bool:
+    """True once this process's cluster is going away: its sentinel died, or reports "Stopping".
+
+    ``qcluster`` on SIGTERM stops its sentinel, which only tells workers "STOP" after their
+    current task; this lets the running task know at once, so the grace period applies.
+    """
+    if os.getppid() != sentinel_pid:
+        return True
+    return any(stat.sentinel == sentinel_pid and stat.status == Conf.STOPPING for stat in Stat.get_all())
+
+
+def _begin_shutdown(reason: str) -> None:
     global _shutdown_deadline
+    if _shutdown_deadline is None:
+        _shutdown_deadline = time.monotonic() + settings.LIGHTX2V_SHUTDOWN_GRACE_S
+        logger.info("worker %s shutting down (%s); grace %s s", os.getpid(), reason, settings.LIGHTX2V_SHUTDOWN_GRACE_S)
+    if _current is None:
+        _exit_now()
+
+
+def _heartbeat_loop(sentinel_pid: int) -> None:
     while True:
         time.sleep(settings.LIGHTX2V_HEARTBEAT_S)
-        if os.getppid() != parent_pid and _shutdown_deadline is None:
-            # The cluster's sentinel died (e.g. SIGTERM to the process group): behave as told to stop.
-            logger.warning("worker %s lost its cluster; shutting down", os.getpid())
-            _shutdown_deadline = time.monotonic() + settings.LIGHTX2V_SHUTDOWN_GRACE_S
-            if _current is None:
-                _exit_now()
         try:
             close_old_connections()
+            if _shutdown_deadline is None and _cluster_is_stopping(sentinel_pid):
+                _begin_shutdown("cluster stopping")
             _beat()
         except DatabaseError as exc:
             logger.warning("heartbeat: database unavailable (%s); retrying", exc)

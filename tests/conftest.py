@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny Wan model, users with tokens, HTTP clients, real worker processes."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -108,17 +109,25 @@ class WorkerProcesses:
         if wait_ready:
             wait_for(lambda: selectors.live_worker_count() >= count * workers_each, timeout=60, what="workers up")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> list[int]:
+        """SIGTERM each qcluster (as docker or systemd would); SIGKILL what is left after ``timeout``.
+
+        Returns the pids that had to be killed.
+        """
         for process, _ in self.processes:
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process, log_path in self.processes:
+                process.send_signal(signal.SIGTERM)
+        killed = []
+        for process, _ in self.processes:
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                killed.append(process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # worker processes a dead sentinel left behind
+            process.wait()
         self.processes.clear()
+        return killed
 
     def logs(self) -> str:
         return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}" for _, path in self.processes)

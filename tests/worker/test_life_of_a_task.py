@@ -1,49 +1,12 @@
 """A task's whole life through real parts: HTTP, PostgreSQL, qcluster worker processes, the tiny Wan model, MP4s."""
 import pytest
-import requests
 
 from inference.encode import probe_mp4
 from tasks_app.models import VideoTask
 from tests.conftest import png_bytes, wait_for
+from tests.worker.conftest import SMALL, submit
 
 pytestmark = pytest.mark.worker
-
-SMALL = {"height": 64, "width": 96, "video_duration": 1, "infer_steps": 4}
-FINISHED = {"succeed", "failed", "cancelled"}
-
-
-class HttpClient:
-    """``requests`` against the live server, as a user with a Bearer token."""
-
-    def __init__(self, base_url: str, raw_key: str):
-        self.base_url = base_url
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {raw_key}"
-
-    def __getattr__(self, method):
-        return lambda path, **kwargs: self.session.request(method.upper(), self.base_url + path, timeout=30, **kwargs)
-
-    def poll_until_finished(self, task_id: str, timeout: float = 120) -> tuple[dict, list[float]]:
-        """The final status body and every progress value seen on the way."""
-        seen: list[float] = []
-
-        def finished():
-            body = self.get(f"/v1/tasks/{task_id}/status").json()
-            seen.append(body["progress"])
-            return body if body["status"] in FINISHED else None
-
-        return wait_for(finished, timeout=timeout, what=f"task {task_id} to finish", interval=0.02), seen
-
-
-@pytest.fixture
-def http(live_server, make_api):
-    return HttpClient(live_server.url, make_api("alice").raw_key)
-
-
-def _submit(client, body: dict) -> str:
-    response = client.post("/v1/tasks/video", json=body)
-    assert response.status_code == 201, response.text
-    return response.json()["task_id"]
 
 
 def _assert_video(content: bytes, tmp_path, *, width: int, height: int, frames: int) -> None:
@@ -56,7 +19,7 @@ def _assert_video(content: bytes, tmp_path, *, width: int, height: int, frames: 
 
 def test_t2v_json_and_i2v_multipart_tasks_succeed_and_download_as_mp4(workers, http, tmp_path):
     workers.start()
-    t2v_id = _submit(http, {"prompt": "a red fox in snow", **SMALL})
+    t2v_id = submit(http, {"prompt": "a red fox in snow", **SMALL})
     form = {key: str(value) for key, value in {**SMALL, "video_duration": 2, "width": 64}.items()}
     i2v_response = http.post(
         "/v1/tasks/video/form",
@@ -82,7 +45,7 @@ def test_t2v_json_and_i2v_multipart_tasks_succeed_and_download_as_mp4(workers, h
 def test_the_same_request_twice_gives_byte_identical_videos(workers, http):
     workers.start()
     body = {"prompt": "waves at dusk", "seed": 1234, **SMALL}
-    first, second = _submit(http, body), _submit(http, body)
+    first, second = submit(http, body), submit(http, body)
     videos = []
     for task_id in (first, second):
         final, _ = http.poll_until_finished(task_id)
@@ -92,10 +55,10 @@ def test_the_same_request_twice_gives_byte_identical_videos(workers, http):
 
 
 def test_a_queued_task_cancelled_before_it_runs_never_runs(workers, http):
-    cancelled_id = _submit(http, {"prompt": "never", **SMALL})
+    cancelled_id = submit(http, {"prompt": "never", **SMALL})
     assert http.delete(f"/v1/tasks/{cancelled_id}").json()["status"] == "cancelled"
     workers.start()
-    later_id = _submit(http, {"prompt": "runs", **SMALL})
+    later_id = submit(http, {"prompt": "runs", **SMALL})
 
     final, _ = http.poll_until_finished(later_id)
 
@@ -107,7 +70,7 @@ def test_a_queued_task_cancelled_before_it_runs_never_runs(workers, http):
 
 def test_a_running_task_cancelled_mid_way_stops_within_one_step_and_stays_cancelled(workers, http, settings):
     workers.start()
-    task_id = _submit(http, {"prompt": "long", "height": 128, "width": 128, "video_duration": 3, "infer_steps": 50})
+    task_id = submit(http, {"prompt": "long", "height": 128, "width": 128, "video_duration": 3, "infer_steps": 50})
     wait_for(
         lambda: http.get(f"/v1/tasks/{task_id}/status").json()["progress"] >= 0.9 * 3 / 50,
         timeout=120,
@@ -123,7 +86,7 @@ def test_a_running_task_cancelled_mid_way_stops_within_one_step_and_stays_cancel
         lambda: VideoTask.objects.get(task_id=task_id).run_stats.get("last_step"), timeout=60, what="worker to stop"
     )
     assert stopped <= steps_done_at_cancel + 1 < 50
-    next_id = _submit(http, {"prompt": "next", **SMALL})  # the worker is free again, and alive
+    next_id = submit(http, {"prompt": "next", **SMALL})  # the worker is free again, and alive
     assert http.poll_until_finished(next_id)[0]["status"] == "succeed"
     task = VideoTask.objects.get(task_id=task_id)
     assert task.status == "cancelled" and task.file_path == ""
@@ -132,7 +95,7 @@ def test_a_running_task_cancelled_mid_way_stops_within_one_step_and_stays_cancel
 
 def test_two_worker_processes_run_each_of_ten_tasks_exactly_once(workers, http):
     workers.start(count=2)
-    task_ids = [_submit(http, {"prompt": f"task {i}", "seed": i, **SMALL}) for i in range(10)]
+    task_ids = [submit(http, {"prompt": f"task {i}", "seed": i, **SMALL}) for i in range(10)]
 
     finals = [http.poll_until_finished(task_id, timeout=240)[0] for task_id in task_ids]
 
@@ -145,9 +108,9 @@ def test_two_worker_processes_run_each_of_ten_tasks_exactly_once(workers, http):
 
 def test_the_second_task_in_a_worker_reuses_the_loaded_pipeline(workers, http):
     workers.start()
-    first = _submit(http, {"prompt": "one", **SMALL})
+    first = submit(http, {"prompt": "one", **SMALL})
     assert http.poll_until_finished(first)[0]["status"] == "succeed"
-    second = _submit(http, {"prompt": "two", **SMALL})
+    second = submit(http, {"prompt": "two", **SMALL})
     assert http.poll_until_finished(second)[0]["status"] == "succeed"
 
     runs = [VideoTask.objects.get(task_id=task_id) for task_id in (first, second)]
@@ -157,7 +120,7 @@ def test_the_second_task_in_a_worker_reuses_the_loaded_pipeline(workers, http):
 
 def test_a_run_that_raises_ends_failed_with_the_reason(workers, http, tmp_path):
     workers.start(extra_env={"LIGHTX2V_MODEL_PATH": str(tmp_path / "no-such-model")})
-    task_id = _submit(http, {"prompt": "doomed", **SMALL})
+    task_id = submit(http, {"prompt": "doomed", **SMALL})
 
     final, _ = http.poll_until_finished(task_id)
 

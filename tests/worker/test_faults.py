@@ -1,0 +1,115 @@
+"""Fault injection on real qcluster workers: kills, shutdowns, time limits, unwritable storage, ordering."""
+import os
+import signal
+
+import pytest
+
+from tasks_app.models import TaskAttempt, VideoTask
+from tests.conftest import wait_for
+from tests.worker.conftest import SMALL, submit
+
+pytestmark = pytest.mark.worker
+
+# Short leases so a dead worker's task comes back within seconds.
+FAST_LEASES = {"LIGHTX2V_LEASE_S": "3", "LIGHTX2V_HEARTBEAT_S": "0.5"}
+A_FEW_SECONDS = {"height": 128, "width": 128, "video_duration": 3, "infer_steps": 50}
+TEN_SECONDS = {"height": 256, "width": 256, "video_duration": 5, "infer_steps": 50}
+
+
+@pytest.fixture(autouse=True)
+def generous_user_cap(settings):
+    settings.LIGHTX2V_MAX_UNFINISHED_PER_USER = 100
+
+
+def _wait_until_denoising(http, task_id: str) -> dict:
+    """The task's status body once it is running and past its first denoising step."""
+    return wait_for(
+        lambda: (body := http.get(f"/v1/tasks/{task_id}/status").json())["status"] == "running"
+        and body["progress"] > 0
+        and body,
+        timeout=120,
+        what=f"task {task_id} to be denoising",
+        interval=0.01,
+    )
+
+
+def _outcomes(task_id: str) -> list[str]:
+    return list(TaskAttempt.objects.filter(task_id=task_id).order_by("number").values_list("outcome", flat=True))
+
+
+def test_a_sigkilled_worker_loses_no_task_and_none_runs_twice(workers, http, tmp_path):
+    output_root = tmp_path / "outputs"
+    workers.start(count=3, extra_env={**FAST_LEASES, "LIGHTX2V_OUTPUT_ROOT": str(output_root)})
+    victim_task = submit(http, {"prompt": "the one that gets killed", **A_FEW_SECONDS})
+    others = [submit(http, {"prompt": f"task {i}", "seed": i, **SMALL}) for i in range(29)]
+
+    running = _wait_until_denoising(http, victim_task)
+    victim_pid = int(VideoTask.objects.get(task_id=victim_task).worker_name.rsplit(":", 1)[1])
+    os.kill(victim_pid, signal.SIGKILL)
+
+    finals = [http.poll_until_finished(task_id, timeout=300)[0] for task_id in [victim_task, *others]]
+
+    assert running["attempt_count"] == 1
+    assert [final["status"] for final in finals] == ["succeed"] * 30
+    assert _outcomes(victim_task) == ["lost", "succeed"]
+    assert "stopped heartbeating" in TaskAttempt.objects.get(task_id=victim_task, number=1).error
+    assert all(_outcomes(task_id) == ["succeed"] for task_id in others)
+    assert not VideoTask.objects.filter(status="running").exists()
+    videos = sorted(path.name for path in (output_root / "videos").iterdir())
+    assert videos == sorted(f"{task_id}.mp4" for task_id in [victim_task, *others])  # no partial files
+
+
+def test_sigterm_during_a_task_finishes_it_or_hands_it_back(workers, http):
+    workers.start(extra_env={**FAST_LEASES, "LIGHTX2V_SHUTDOWN_GRACE_S": "1"})
+    task_id = submit(http, {"prompt": "interrupted", **TEN_SECONDS})
+    _wait_until_denoising(http, task_id)
+
+    assert workers.stop() == []  # every qcluster exited by itself
+
+    after_stop = VideoTask.objects.get(task_id=task_id)
+    assert after_stop.status in ("succeed", "submitted")
+    if after_stop.status == "submitted":
+        assert _outcomes(task_id) == ["handed_back"]
+        workers.start(extra_env=FAST_LEASES)
+        final, _ = http.poll_until_finished(task_id, timeout=180)
+        assert final["status"] == "succeed" and [a["outcome"] for a in final["attempts"]] == ["handed_back", "succeed"]
+
+
+def test_a_task_over_the_time_limit_fails_and_the_next_runs_on_the_same_worker(workers, http):
+    workers.start(extra_env={"LIGHTX2V_TASK_TIMEOUT": "2"})
+    slow = submit(http, {"prompt": "too slow", **TEN_SECONDS})
+    quick = submit(http, {"prompt": "quick", **SMALL})
+
+    slow_final, _ = http.poll_until_finished(slow, timeout=120)
+    quick_final, _ = http.poll_until_finished(quick, timeout=120)
+
+    assert slow_final["status"] == "failed" and slow_final["message"] == "failed: timed out after 2 s"
+    assert [a["outcome"] for a in slow_final["attempts"]] == ["timed_out"]
+    assert quick_final["status"] == "succeed"
+    assert quick_final["attempts"][0]["worker_name"] == slow_final["attempts"][0]["worker_name"]
+
+
+def test_an_output_that_cannot_be_written_fails_the_task_with_the_reason(workers, http, tmp_path):
+    output_root = tmp_path / "outputs"
+    output_root.mkdir()
+    (output_root / "videos").write_text("a file where the videos folder should be")
+    workers.start(extra_env={"LIGHTX2V_OUTPUT_ROOT": str(output_root)})
+    task_id = submit(http, {"prompt": "nowhere to go", **SMALL})
+
+    final, _ = http.poll_until_finished(task_id)
+
+    assert final["status"] == "failed" and "FileExistsError" in final["message"], final["message"]
+    assert final["file_path"] == "" and http.get(f"/v1/tasks/{task_id}/result").status_code == 409
+
+
+def test_tasks_start_in_submission_order_across_workers(workers, http):
+    workers.start(count=2)
+    task_ids = [submit(http, {"prompt": f"in order {i}", **SMALL}) for i in range(8)]
+    for task_id in task_ids:
+        assert http.poll_until_finished(task_id)[0]["status"] == "succeed"
+
+    tasks = {task.task_id: task for task in VideoTask.objects.filter(task_id__in=task_ids)}
+    started = [tasks[VideoTask._meta.pk.to_python(task_id)].started_at for task_id in task_ids]
+    # FIFO claims: a task never starts before one submitted earlier (clock jitter between workers aside).
+    for earlier, later in zip(started, started[1:]):
+        assert (earlier - later).total_seconds() < 0.05
