@@ -102,7 +102,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # django-q2 keeps cluster statistics (live workers) in the cache: it must be shared between the web
 # server and the workers, so it lives in the database (``manage.py createcachetable``).
 CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "lightx2v_cache"}
+    "default": {"BACKEND": "tasks_app.cache.ReconnectingDatabaseCache", "LOCATION": "lightx2v_cache"}
 }
 
 LANGUAGE_CODE = "en-us"
