@@ -10,6 +10,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from inference.options import OPTION_NAMES, InferenceOptions
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("LIGHTX2V_VAR_DIR", BASE_DIR / "var"))
 
@@ -118,6 +120,21 @@ STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
 LIGHTX2V_MODEL_PATH = os.environ.get("LIGHTX2V_MODEL_PATH", "")  # Wan2.1 T2V Diffusers directory
 LIGHTX2V_I2V_MODEL_PATH = os.environ.get("LIGHTX2V_I2V_MODEL_PATH", "")  # Wan2.1 I2V directory
 LIGHTX2V_DEVICE = os.environ.get("LIGHTX2V_DEVICE", "auto")  # auto | cpu | cuda | cuda:N
+# Speed options of the loaded pipeline (inference/options.py documents each value), validated here so a
+# typo stops start-up: LIGHTX2V_ATTENTION_BACKEND, _COMPILE, _CACHE, _CACHE_THRESHOLD, _VAE_TILING,
+# _VAE_DTYPE, _TEXT_CACHE_SIZE.
+try:
+    LIGHTX2V_INFERENCE_OPTIONS = InferenceOptions.from_strings(
+        {name: os.environ.get(f"LIGHTX2V_{name.upper()}", "") for name in OPTION_NAMES}
+    )
+except ValueError as exc:
+    raise ImproperlyConfigured(str(exc)) from exc
+# Worker start-up: "load" loads the pipeline before the first task; "full" also runs one denoising step
+# at the default size (compiles kernels; worth it on a GPU with compile on); "off" loads on first use;
+# "auto" is "full" on CUDA, else "load".
+LIGHTX2V_WARM_UP = os.environ.get("LIGHTX2V_WARM_UP", "auto")
+if LIGHTX2V_WARM_UP not in ("auto", "off", "load", "full"):
+    raise ImproperlyConfigured("LIGHTX2V_WARM_UP must be auto, off, load or full")
 # Finished videos: <output root>/videos/<task_id>.mp4, published as "outputs/videos/<task_id>.mp4".
 LIGHTX2V_OUTPUT_ROOT = Path(os.environ.get("LIGHTX2V_OUTPUT_ROOT", VAR_DIR / "outputs"))
 # Input images (uploads and data: URLs), stored under server-chosen names.

@@ -1,6 +1,12 @@
 from django.apps import AppConfig
 
 
+def _on_worker_spawn(**signal_kwargs) -> None:
+    from .worker import on_worker_spawn
+
+    on_worker_spawn(**signal_kwargs)
+
+
 class TasksAppConfig(AppConfig):
     """Video tasks. Nothing here touches CUDA: workers are forked after start-up."""
 
@@ -11,7 +17,5 @@ class TasksAppConfig(AppConfig):
     def ready(self) -> None:
         from django_q.signals import post_spawn
 
-        from . import worker_process
-
-        # Runs inside each spawned worker process, not here in the parent.
-        post_spawn.connect(worker_process.start, dispatch_uid="lightx2v-worker-process")
+        # Runs inside each spawned worker process, not here in the parent (the receiver imports torch).
+        post_spawn.connect(_on_worker_spawn, dispatch_uid="lightx2v-worker-spawn")

@@ -17,8 +17,15 @@ from django.db import DatabaseError, connection
 from django_q.exceptions import TimeoutException
 
 from inference.encode import encode_mp4
-from inference.generate import FPS, GenerationRequest, frames_for_duration, generate_frames, last_frame_image
-from inference.pipelines import load_count, load_pipeline
+from inference.generate import (
+    FPS,
+    GenerationRequest,
+    frames_for_duration,
+    generate_frames,
+    last_frame_image,
+    warm_up,
+)
+from inference.pipelines import applied_options, load_count, load_pipeline, resolve_device
 
 from . import services, storage, worker_process
 
@@ -26,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 DENOISE_SHARE = 0.9  # progress given to denoising; decode and encode take the rest
 ENCODE_PROGRESS = 0.95
+WARM_UP_SIZE = (480, 832)  # the API's default height and width
 
 
 class TaskTimedOut(Exception):
@@ -34,6 +42,36 @@ class TaskTimedOut(Exception):
 
 class HandBack(Exception):
     """The worker was told to stop and the grace period is over: the task goes back to the queue."""
+
+
+def on_worker_spawn(**signal_kwargs) -> None:
+    """django-q2 ``post_spawn``: runs in each new worker process before it takes a task."""
+    worker_process.start()
+    warm_up_pipelines()
+
+
+def warm_up_pipelines() -> None:
+    """Load (and with ``full``, run one step of) each configured pipeline, per ``LIGHTX2V_WARM_UP``.
+
+    A model that fails to load is only logged here; the first task of that kind fails with the reason.
+    """
+    mode = settings.LIGHTX2V_WARM_UP
+    if mode == "auto":
+        mode = "full" if resolve_device(settings.LIGHTX2V_DEVICE)[0].type == "cuda" else "load"
+    if mode == "off":
+        return
+    for kind in ("t2v", "i2v"):
+        if not (settings.LIGHTX2V_MODEL_PATH if kind == "t2v" else settings.LIGHTX2V_I2V_MODEL_PATH):
+            continue
+        started = time.perf_counter()
+        try:
+            pipe = load_configured_pipeline(kind)
+            if mode == "full":
+                warm_up(pipe, height=WARM_UP_SIZE[0], width=WARM_UP_SIZE[1], num_frames=frames_for_duration(5))
+        except Exception:  # noqa: BLE001 - a broken model must not keep the worker from starting
+            logger.exception("warm-up of the %s pipeline failed", kind)
+            continue
+        logger.info("warmed up %s pipeline (%s) in %.1f s", kind, mode, time.perf_counter() - started)
 
 
 def worker_name() -> str:
@@ -162,16 +200,28 @@ def _generate(run: worker_process.Run, run_stats: dict) -> np.ndarray:
     return np.concatenate(fragments, axis=0)
 
 
-def _pipeline(kind: str, run_stats: dict):
+def _model_path(kind: str) -> str:
     model_path = settings.LIGHTX2V_MODEL_PATH if kind == "t2v" else settings.LIGHTX2V_I2V_MODEL_PATH
     if not model_path:
         setting = "LIGHTX2V_MODEL_PATH" if kind == "t2v" else "LIGHTX2V_I2V_MODEL_PATH"
         raise RuntimeError(f"no {kind} model configured ({setting} is empty)")
+    return model_path
+
+
+def load_configured_pipeline(kind: str):
+    """The cached pipeline of ``kind`` with the configured device and speed options (loaded on first use)."""
+    return load_pipeline(
+        _model_path(kind), kind=kind, device=settings.LIGHTX2V_DEVICE, options=settings.LIGHTX2V_INFERENCE_OPTIONS
+    )
+
+
+def _pipeline(kind: str, run_stats: dict):
     started = time.perf_counter()
-    pipe = load_pipeline(model_path, kind=kind, device=settings.LIGHTX2V_DEVICE)
+    pipe = load_configured_pipeline(kind)
     run_stats.setdefault("load_s", round(time.perf_counter() - started, 3))
     # How many times this process has loaded a pipeline so far: stays flat once the cache is warm.
     run_stats["pipeline_loads"] = load_count()
+    run_stats.setdefault("options", applied_options(pipe))
     return pipe
 
 

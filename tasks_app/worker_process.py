@@ -129,7 +129,7 @@ def _heartbeat_loop(sentinel_pid: int) -> None:
 _started = False
 
 
-def start(**signal_kwargs) -> None:
+def start() -> None:
     """Install the SIGTERM handler and start the heartbeat thread (once per process)."""
     global _started
     if _started:
