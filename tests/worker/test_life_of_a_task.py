@@ -128,3 +128,18 @@ def test_a_run_that_raises_ends_failed_with_the_reason(workers, http, tmp_path):
 
     assert final["status"] == "failed"
     assert "no-such-model" in final["message"] and final["message"].startswith("failed: ModelLoadError")
+
+
+def test_twenty_tasks_in_one_worker_load_the_model_once_and_leave_memory_flat(workers, http, settings):
+    settings.LIGHTX2V_MAX_UNFINISHED_PER_USER = 100
+    workers.start()
+    task_ids = [submit(http, {"prompt": f"task {i}", "seed": i, **SMALL}) for i in range(20)]
+    for task_id in task_ids:
+        assert http.poll_until_finished(task_id)[0]["status"] == "succeed"
+
+    stats = [VideoTask.objects.get(task_id=task_id).run_stats for task_id in task_ids]
+    assert {run["pipeline_loads"] for run in stats} == {2}  # the warm-up's T2V + I2V loads, nothing after
+    rss = [run["memory_mib"]["rss"] for run in stats]
+    print("RSS after tasks 1, 5, 10, 20 (MiB):", rss[0], rss[4], rss[9], rss[19])
+    # Allocator caches settle within the first tasks; the last ten must not grow (a leak would, per task).
+    assert rss[19] - rss[9] < 0.03 * rss[9]
