@@ -1,4 +1,4 @@
-"""Wan2.1 video generation core: load pipelines, generate frames, encode MP4.
+"""Wan2.1 video generation core: load pipelines, generate frames (LoRA, sampling, image fit), encode MP4.
 
 Plain Python, no Django. Public names are re-exported lazily so that importing this
 package (e.g. from a web process) does not import torch, diffusers or PyAV.
@@ -19,12 +19,28 @@ _EXPORTS = {
     "resolve_device": "pipelines",
     "FPS": "generate",
     "GenerationRequest": "generate",
+    "continuation_request": "generate",
     "frames_for_duration": "generate",
     "generate_frames": "generate",
     "last_frame_image": "generate",
     "warm_up": "generate",
     "encode_mp4": "encode",
     "probe_mp4": "encode",
+    "video_metadata": "encode",
+    "write_poster": "encode",
+    "RESIZE_MODES": "images",
+    "fit_size": "images",
+    "prepare_image": "images",
+    "LoraError": "lora",
+    "apply_lora": "lora",
+    "list_loras": "lora",
+    "lora_load_count": "lora",
+    "resolve_lora_file": "lora",
+    "unload_loras": "lora",
+    "SCHEDULERS": "sampling",
+    "default_shift": "sampling",
+    "pipe_lock": "pipelines",
+    "build_tiny_lora": "tiny",
     "build_tiny_models": "tiny",
 }
 

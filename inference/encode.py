@@ -113,3 +113,67 @@ def probe_mp4(path: str | os.PathLike) -> dict:
             "frames": decoded,
             "fps": float(stream.average_rate) if stream.average_rate else None,
         }
+
+
+DEFAULT_POSTER_QUALITY = 90
+
+
+def write_poster(
+    frames: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    index: int | None = None,
+    quality: int = DEFAULT_POSTER_QUALITY,
+) -> int:
+    """Write one frame of uint8 ``(n, h, w, 3)`` ``frames`` to ``path`` as a JPEG; return its index.
+
+    ``index`` None takes the middle frame (``n // 2``): for I2V the first frame is only the
+    input image. Negative indexes count from the end; out of range is ``IndexError``.
+    ``quality`` is Pillow's JPEG quality, 1–95. Written to a temp file beside ``path`` and
+    renamed into place (mode 0644, parents created), like :func:`encode_mp4`.
+    """
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"expected uint8 frames of shape (n, h, w, 3), got {frames.dtype} {frames.shape}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
+        raise ValueError(f"quality must be an integer from 1 to 95, got {quality!r}")
+    count = len(frames)
+    chosen = count // 2 if index is None else index
+    if not -count <= chosen < count:
+        raise IndexError(f"poster frame {chosen} out of range for {count} frames")
+    chosen %= count
+
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            Image.fromarray(np.ascontiguousarray(frames[chosen])).save(handle, format="JPEG", quality=quality)
+        os.chmod(tmp_name, FILE_MODE)
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    return chosen
+
+
+def video_metadata(path: str | os.PathLike) -> dict:
+    """``{"frames", "fps", "duration_s", "width", "height", "size_bytes"}`` of an MP4 file.
+
+    ``frames`` is the decoded count (see :func:`probe_mp4`), ``duration_s`` is
+    ``frames / fps`` (5.0625 for 81 frames at 16 fps; None without a frame rate) and
+    ``size_bytes`` the file size.
+    """
+    probe = probe_mp4(path)
+    fps = probe["fps"]
+    return {
+        "frames": probe["frames"],
+        "fps": fps,
+        "duration_s": probe["frames"] / fps if fps else None,
+        "width": probe["width"],
+        "height": probe["height"],
+        "size_bytes": os.stat(path).st_size,
+    }

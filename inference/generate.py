@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from .images import check_resize_mode, fit_size, prepare_image
+from .lora import check_lora_name, check_lora_strength
+from .sampling import check_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +39,21 @@ class GenerationRequest:
     ``image`` set means image-to-video (the image becomes the first frame), else text-to-video.
     Construction validates what the pipeline would otherwise silently round or reject:
     ``num_frames`` must be 4k + 1, ``height``/``width`` positive multiples of 16,
-    ``infer_steps`` >= 1 (``ValueError`` otherwise).
+    ``infer_steps`` >= 1, and the optional fields below (``ValueError`` otherwise).
+
+    Optional per-request choices (the defaults give exactly the frames of a plain run):
+
+    ``sample_shift``: flow shift (> 0); None keeps the shift the pipeline's scheduler is
+        configured with (3.0 in the tiny model and the Wan2.1 checkpoints). A server that
+        wants a size-dependent default passes :func:`inference.sampling.default_shift`.
+    ``scheduler``: one of :data:`inference.sampling.SCHEDULERS` (``unipc``, ``euler``); None
+        keeps the pipeline's own scheduler kind.
+    ``resize_mode``: how an I2V image is fitted, one of :data:`inference.images.RESIZE_MODES`
+        (``stretch`` default, ``adaptive``, ``fixed_shape``). ``adaptive`` changes the video
+        size: :meth:`output_size` tells the size the frames will have.
+    ``lora_name``/``lora_strength``: a LoRA of the ``lora_dir`` given to
+        :func:`generate_frames` (a file stem, see :func:`inference.lora.list_loras`) and its
+        strength in [0, 2]; None or strength 0: no LoRA.
     """
 
     prompt: str
@@ -45,6 +65,11 @@ class GenerationRequest:
     width: int = 832
     seed: int = 0
     guidance_scale: float = 1.0
+    sample_shift: float | None = None
+    scheduler: str | None = None
+    resize_mode: str = "stretch"
+    lora_name: str | None = None
+    lora_strength: float = 1.0
 
     def __post_init__(self) -> None:
         if self.infer_steps < 1:
@@ -55,11 +80,26 @@ class GenerationRequest:
             value = getattr(self, name)
             if value <= 0 or value % SPATIAL_MULTIPLE:
                 raise ValueError(f"{name} must be a positive multiple of {SPATIAL_MULTIPLE}, got {value}")
+        check_sampling(self.scheduler, self.sample_shift)
+        check_resize_mode(self.resize_mode)
+        if self.lora_name is not None:
+            check_lora_name(self.lora_name)  # LoraError is a ValueError
+        check_lora_strength(self.lora_strength)
 
     @property
     def kind(self) -> str:
         """``"i2v"`` when an image is given, else ``"t2v"``."""
         return "t2v" if self.image is None else "i2v"
+
+    def output_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the frames :func:`generate_frames` returns for this request.
+
+        The requested size, except for I2V with ``resize_mode="adaptive"`` (see
+        :func:`inference.images.fit_size`).
+        """
+        if self.image is None:
+            return self.height, self.width
+        return fit_size(*self.image.size, height=self.height, width=self.width, resize_mode=self.resize_mode)
 
 
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -71,9 +111,12 @@ def generate_frames(
     pipe,
     request: GenerationRequest,
     on_step: Callable[[int, int], None] | None = None,
+    *,
+    lora_dir: str | os.PathLike | None = None,
 ) -> np.ndarray:
-    """Generate ``request`` with ``pipe``; return frames as uint8 ``(num_frames, height, width, 3)``.
+    """Generate ``request`` with ``pipe``; return frames as uint8 ``(num_frames, h, w, 3)``.
 
+    ``(h, w)`` is ``request.output_size()``: the requested size except for adaptive I2V.
     T2V needs a ``WanPipeline``-like pipe and ``request.image is None``; I2V needs a
     ``WanImageToVideoPipeline`` and an image (mismatch: ``ValueError``). Noise comes from a
     CPU generator seeded with ``request.seed``, so a request is reproducible across devices
@@ -83,8 +126,17 @@ def generate_frames(
     step with step = 1..total. Any exception it raises stops generation at once (no VAE
     decode) and propagates unchanged; model hooks are freed however the call ends, and after
     a failure the run's tensors are released (and the CUDA cache emptied) before it propagates.
+
+    The run holds ``pipe``'s lock (:func:`inference.pipelines.pipe_lock`) and applies the
+    request's LoRA (read from ``lora_dir``; :class:`inference.lora.LoraError` when it is
+    missing or bad) and scheduler/shift for its duration only: afterwards ``pipe`` has its
+    own scheduler back and no adapter active, whatever the request chose.
     """
     from diffusers import WanImageToVideoPipeline
+
+    from .lora import lora_applied
+    from .pipelines import pipe_lock
+    from .sampling import scheduler_applied
 
     pipe_is_i2v = isinstance(pipe, WanImageToVideoPipeline)
     if pipe_is_i2v != (request.kind == "i2v"):
@@ -97,18 +149,21 @@ def generate_frames(
 
         patch_wan_i2v_without_ftfy()  # for pipes not built by load_pipeline
 
-    try:
-        output = pipe(**_pipeline_kwargs(pipe, request, on_step))
-    except BaseException as exc:
+    with pipe_lock(pipe), lora_applied(pipe, lora_dir, request.lora_name, request.lora_strength), \
+            scheduler_applied(pipe, request.scheduler, request.sample_shift):
+        kwargs = _pipeline_kwargs(pipe, request, on_step)
         try:
-            # The pipeline frees hooks (and resets cache state) itself on success only.
-            pipe.maybe_free_model_hooks()
-        finally:
-            _release_failed_run(exc)
-        raise
+            output = pipe(**kwargs)
+        except BaseException as exc:
+            try:
+                # The pipeline frees hooks (and resets cache state) itself on success only.
+                pipe.maybe_free_model_hooks()
+            finally:
+                _release_failed_run(exc)
+            raise
 
     frames = frames_to_uint8(np.asarray(output.frames[0]))
-    expected = (request.num_frames, request.height, request.width, 3)
+    expected = (request.num_frames, kwargs["height"], kwargs["width"], 3)
     if frames.shape != expected:
         raise RuntimeError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
     return frames
@@ -134,12 +189,11 @@ def _pipeline_kwargs(pipe, request: GenerationRequest, on_step: Callable[[int, i
         guidance=guidance,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
     )
+    height, width = request.height, request.width
     kwargs = dict(
         prompt_embeds=embeds.prompt_embeds,
         negative_prompt_embeds=embeds.negative_prompt_embeds,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
-        height=request.height,
-        width=request.width,
         num_frames=request.num_frames,
         num_inference_steps=request.infer_steps,
         guidance_scale=request.guidance_scale,
@@ -148,7 +202,10 @@ def _pipeline_kwargs(pipe, request: GenerationRequest, on_step: Callable[[int, i
         callback_on_step_end=step_callback if on_step is not None else None,
     )
     if request.image is not None:
-        kwargs["image"] = request.image.convert("RGB")
+        kwargs["image"], height, width = prepare_image(
+            request.image, height=height, width=width, resize_mode=request.resize_mode
+        )
+    kwargs.update(height=height, width=width)
     return kwargs
 
 
@@ -188,6 +245,20 @@ def warm_up(pipe, *, height: int, width: int, num_frames: int, steps: int = 1) -
     logger.info("warmed up %s at %dx%dx%d, %d step(s), in %.1f s",
                 type(pipe).__name__, width, height, num_frames, steps, elapsed)
     return elapsed
+
+
+def continuation_request(previous: GenerationRequest, frames: np.ndarray) -> GenerationRequest:
+    """The request for the fragment after ``previous``, whose output was ``frames``.
+
+    An I2V request conditioned on exactly the last frame, with ``seed + 1`` and the size the
+    frames actually have (an adaptive first fragment may differ from the size asked for);
+    every other field is kept. The image already has the target size, so every resize mode
+    hands it to the pipeline pixel for pixel.
+    """
+    _, height, width, _ = frames.shape
+    return dataclasses.replace(
+        previous, image=last_frame_image(frames), height=height, width=width, seed=previous.seed + 1
+    )
 
 
 def last_frame_image(frames: np.ndarray) -> Image.Image:

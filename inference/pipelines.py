@@ -34,6 +34,9 @@ _applied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _load_count = 0
 # Held across the whole load so two threads asking for the same model load it once.
 _lock = threading.Lock()
+# pipe -> the lock that serialises its runs and per-request state changes (see pipe_lock).
+_pipe_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_pipe_locks_guard = threading.Lock()
 
 
 class ModelLoadError(Exception):
@@ -73,6 +76,20 @@ def applied_options(pipe) -> dict[str, str]:
     Empty for pipelines that ``load_pipeline`` did not build.
     """
     return dict(_applied.get(pipe, {}))
+
+
+def pipe_lock(pipe) -> threading.RLock:
+    """The re-entrant lock that every run and LoRA/scheduler switch of ``pipe`` holds.
+
+    A cached pipeline is shared by every caller in the process, and a run temporarily
+    swaps its scheduler and LoRA adapters; holding this lock keeps two threads from seeing
+    each other's choices. One lock per pipeline object, created on first use.
+    """
+    with _pipe_locks_guard:
+        lock = _pipe_locks.get(pipe)
+        if lock is None:
+            lock = _pipe_locks[pipe] = threading.RLock()
+        return lock
 
 
 def clear_pipeline_cache() -> None:

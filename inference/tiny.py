@@ -7,6 +7,7 @@ and by local development without GPUs or downloaded weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -170,3 +171,72 @@ def build_tiny_models(out_dir: str | os.PathLike, *, force: bool = False) -> dic
         _save_atomically(pipe, paths[kind])
         logger.info("built tiny Wan %s pipeline in %s", kind, paths[kind])
     return paths
+
+
+# PEFT-format LoRA targets of each transformer block. attn2's key/value projections are
+# left out: diffusers would pad them for I2V transformers with add_k_proj/add_v_proj LoRAs,
+# layers the tiny I2V model does not have (it would warn about unexpected keys).
+TINY_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0")
+
+
+def build_tiny_lora(
+    model: object,
+    out_path: str | os.PathLike,
+    *,
+    seed: int,
+    rank: int = 4,
+    scale: float = 1.0,
+) -> pathlib.Path:
+    """Write a random LoRA for a Wan transformer to ``out_path`` (a ``.safetensors`` file).
+
+    ``model`` is a Wan pipeline, its transformer, or a pipeline directory (only
+    ``transformer/config.json`` is read); the T2V and I2V tiny models share block shapes, so
+    one file fits both. Keys are diffusers' PEFT format,
+    ``transformer.blocks.{i}.{target}.lora_A.weight`` (rank × in) and ``lora_B.weight``
+    (out × rank), for :data:`TINY_LORA_TARGETS` of every block. Unlike a freshly trained LoRA,
+    ``B`` is not zero: the delta ``B @ A`` has entries of the size of the base weights times
+    ``scale``, so different seeds visibly change the output. Deterministic per seed; the global
+    torch RNG is untouched. Written atomically (temp file + rename). Returns the absolute path.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    config = _transformer_config(model)
+    inner_dim = config["num_attention_heads"] * config["attention_head_dim"]
+    generator = torch.Generator("cpu").manual_seed(seed)
+    tensors = {}
+    for block in range(config["num_layers"]):
+        for target in TINY_LORA_TARGETS:
+            prefix = f"transformer.blocks.{block}.{target}"
+            # Every target maps inner_dim -> inner_dim (attn2's query and output included).
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, inner_dim, generator=generator) / inner_dim**0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(inner_dim, rank, generator=generator) * (
+                scale / rank**0.5)
+
+    target_path = pathlib.Path(out_path).resolve()
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target_path.name}.", suffix=".part", dir=target_path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp_name, metadata={"built_by": "inference.tiny.build_tiny_lora",
+                                               "seed": json.dumps(seed), "rank": json.dumps(rank)})
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, target_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    return target_path
+
+
+def _transformer_config(model: object) -> dict:
+    """The Wan transformer config of a pipeline, a transformer, or a pipeline directory."""
+    import json
+
+    transformer = getattr(model, "transformer", model)
+    config = getattr(transformer, "config", None)
+    if config is not None:
+        return dict(config)
+    return json.loads((pathlib.Path(model) / "transformer" / "config.json").read_text())

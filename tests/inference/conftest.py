@@ -33,3 +33,33 @@ def tiny_model_dirs():
     their own models through ``tiny_models`` instead.
     """
     return None
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory, tiny_models):
+    """A LoRA directory with two tiny LoRAs for the tiny Wan models: ``alpha`` and ``beta``."""
+    from inference.tiny import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    build_tiny_lora(tiny_models["t2v"], root / "alpha.safetensors", seed=1)
+    build_tiny_lora(tiny_models["t2v"], root / "beta.safetensors", seed=2)
+    return root
+
+
+@pytest.fixture()
+def fresh_t2v_pipe(tiny_models):
+    """A T2V pipeline of its own (not the cached one): state changes die with the test."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(tiny_models["t2v"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture()
+def fresh_i2v_pipe(tiny_models):
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline.from_pretrained(tiny_models["i2v"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

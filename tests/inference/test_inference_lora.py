@@ -1,0 +1,192 @@
+"""LoRA per request: names inside the LoRA directory only, switching without reloads, base weights untouched."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference.generate import GenerationRequest, generate_frames
+from inference.lora import (
+    LoraError,
+    active_lora,
+    apply_lora,
+    base_weights_checksum,
+    list_loras,
+    loaded_loras,
+    lora_load_count,
+    resolve_lora_file,
+    unload_loras,
+)
+from inference.tiny import build_tiny_lora
+
+
+def small_request(**overrides) -> GenerationRequest:
+    fields = dict(prompt="a red cat runs on the beach", num_frames=5, height=32, width=32, infer_steps=2, seed=3)
+    fields.update(overrides)
+    return GenerationRequest(**fields)
+
+
+def test_list_loras_names_the_safetensors_files_inside_the_directory(tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"x")
+    root = tmp_path / "loras"
+    (root / "sub").mkdir(parents=True)
+    for name in ("alpha.safetensors", "beta-v2.1.safetensors", ".hidden.safetensors", "notes.txt",
+                 "sub/nested.safetensors"):
+        (root / name).write_bytes(b"x")
+    (root / "folder.safetensors").mkdir()
+    (root / "escape.safetensors").symlink_to(outside)
+    (root / "alias.safetensors").symlink_to(root / "alpha.safetensors")
+    assert list_loras(root) == ["alias", "alpha", "beta-v2.1"]
+    assert resolve_lora_file(root, "alias") == (root / "alpha.safetensors").resolve()
+    assert list_loras(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../outside", "..", "sub/nested", "/etc/passwd", ".hidden", "escape", "folder", "missing",
+     "alpha.safetensors", "", "alpha\x00", "a" * 129],
+)
+def test_traversal_malformed_and_unknown_names_are_refused(tmp_path, name):
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    root = tmp_path / "loras"
+    (root / "sub").mkdir(parents=True)
+    for file_name in ("alpha.safetensors", ".hidden.safetensors", "sub/nested.safetensors"):
+        (root / file_name).write_bytes(b"x")
+    (root / "folder.safetensors").mkdir()
+    (root / "escape.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    with pytest.raises(LoraError):
+        resolve_lora_file(root, name)
+
+
+@pytest.mark.parametrize("overrides", [dict(lora_name="../alpha"), dict(lora_name="a/b"), dict(lora_strength=2.5),
+                                       dict(lora_strength=-0.1), dict(lora_strength=float("nan"))])
+def test_request_rejects_bad_lora_name_or_strength(overrides):
+    with pytest.raises(ValueError):
+        small_request(**overrides)
+
+
+def test_two_loras_and_none_differ_and_none_afterwards_matches_a_pipeline_that_never_had_one(
+        fresh_t2v_pipe, t2v_pipe, lora_dir):
+    pipe = fresh_t2v_pipe
+    checksum_before = base_weights_checksum(pipe.transformer)
+    keys_before = set(pipe.transformer.state_dict())
+    alpha = generate_frames(pipe, small_request(lora_name="alpha"), lora_dir=lora_dir)
+    beta = generate_frames(pipe, small_request(lora_name="beta"), lora_dir=lora_dir)
+    after = generate_frames(pipe, small_request(), lora_dir=lora_dir)
+    never_had_one = generate_frames(t2v_pipe, small_request())
+
+    np.testing.assert_array_equal(after, never_had_one)
+    for with_lora in (alpha, beta):
+        assert np.abs(with_lora.astype(int) - never_had_one).mean() > 0.5, "a LoRA must visibly change the frames"
+    assert not np.array_equal(alpha, beta)
+    assert base_weights_checksum(pipe.transformer) == checksum_before
+    assert pipe.num_fused_loras == 0 and active_lora(pipe) is None
+    assert loaded_loras(pipe) == ["alpha", "beta"]
+
+    unload_loras(pipe)
+    assert set(pipe.transformer.state_dict()) == keys_before  # the original layers are back
+    assert base_weights_checksum(pipe.transformer) == checksum_before
+    np.testing.assert_array_equal(generate_frames(pipe, small_request()), never_had_one)
+
+
+def test_same_lora_again_is_not_reloaded_and_switching_back_reproduces_it(fresh_t2v_pipe, lora_dir):
+    pipe = fresh_t2v_pipe
+    first = generate_frames(pipe, small_request(lora_name="alpha"), lora_dir=lora_dir)
+    again = generate_frames(pipe, small_request(lora_name="alpha"), lora_dir=lora_dir)
+    assert lora_load_count(pipe) == 1
+    generate_frames(pipe, small_request(lora_name="beta"), lora_dir=lora_dir)
+    generate_frames(pipe, small_request(), lora_dir=lora_dir)
+    back = generate_frames(pipe, small_request(lora_name="alpha"), lora_dir=lora_dir)
+    assert lora_load_count(pipe) == 2
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, back)
+
+
+def test_strength_zero_is_no_lora_and_strength_scales_the_effect(fresh_t2v_pipe, lora_dir):
+    pipe = fresh_t2v_pipe
+    none = generate_frames(pipe, small_request())
+    zero = generate_frames(pipe, small_request(lora_name="alpha", lora_strength=0.0), lora_dir=lora_dir)
+    assert lora_load_count(pipe) == 0  # strength 0 never loads the file
+    np.testing.assert_array_equal(zero, none)
+    half = generate_frames(pipe, small_request(lora_name="alpha", lora_strength=0.5), lora_dir=lora_dir)
+    full = generate_frames(pipe, small_request(lora_name="alpha", lora_strength=1.0), lora_dir=lora_dir)
+    assert lora_load_count(pipe) == 1
+    assert not np.array_equal(half, full) and not np.array_equal(half, none)
+    # Zero on a pipe that has the adapter loaded is still exactly no LoRA.
+    np.testing.assert_array_equal(
+        generate_frames(pipe, small_request(lora_name="alpha", lora_strength=0.0), lora_dir=lora_dir), none)
+
+
+def test_lora_applies_to_i2v_pipelines_too(fresh_i2v_pipe, i2v_pipe, lora_dir):
+    image = Image.new("RGB", (32, 32), (180, 60, 30))
+    checksum_before = base_weights_checksum(fresh_i2v_pipe.transformer)
+    with_lora = generate_frames(fresh_i2v_pipe, small_request(image=image, lora_name="beta"), lora_dir=lora_dir)
+    without = generate_frames(fresh_i2v_pipe, small_request(image=image))
+    np.testing.assert_array_equal(without, generate_frames(i2v_pipe, small_request(image=image)))
+    assert not np.array_equal(with_lora, without)
+    assert base_weights_checksum(fresh_i2v_pipe.transformer) == checksum_before
+
+
+def test_least_recently_used_lora_is_dropped_beyond_capacity(fresh_t2v_pipe, lora_dir):
+    pipe = fresh_t2v_pipe
+    apply_lora(pipe, lora_dir, "alpha", max_loaded=1)
+    apply_lora(pipe, lora_dir, "beta", max_loaded=1)
+    assert loaded_loras(pipe) == ["beta"] and list(pipe.transformer.peft_config) == ["adapter1"]
+    apply_lora(pipe, lora_dir, "alpha", max_loaded=1)
+    assert lora_load_count(pipe) == 3 and active_lora(pipe) == ("alpha", 1.0)
+    apply_lora(pipe, lora_dir, None)
+    assert active_lora(pipe) is None
+
+
+def test_rewritten_lora_file_is_loaded_afresh(fresh_t2v_pipe, lora_dir, tmp_path):
+    root = tmp_path / "loras"
+    path = build_tiny_lora(fresh_t2v_pipe, root / "style.safetensors", seed=5)
+    first = generate_frames(fresh_t2v_pipe, small_request(lora_name="style"), lora_dir=root)
+    build_tiny_lora(fresh_t2v_pipe, path, seed=6)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # coarse clocks: force a new mtime
+    second = generate_frames(fresh_t2v_pipe, small_request(lora_name="style"), lora_dir=root)
+    assert lora_load_count(fresh_t2v_pipe) == 2 and loaded_loras(fresh_t2v_pipe) == ["style"]
+    assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("content", ["garbage", "wrong_shapes"])
+def test_unloadable_file_raises_lora_error_and_leaves_no_lora_active(fresh_t2v_pipe, lora_dir, tmp_path, content):
+    import types
+
+    pipe = fresh_t2v_pipe
+    none = generate_frames(pipe, small_request())
+    generate_frames(pipe, small_request(lora_name="alpha"), lora_dir=lora_dir)
+    root = tmp_path / "loras"
+    root.mkdir()
+    if content == "garbage":
+        (root / "broken.safetensors").write_bytes(b"not a safetensors file")
+    else:  # a LoRA for a transformer twice as wide
+        wider = types.SimpleNamespace(config=dict(num_attention_heads=4, attention_head_dim=12, num_layers=2))
+        build_tiny_lora(wider, root / "broken.safetensors", seed=0)
+    with pytest.raises(LoraError, match="broken"):
+        generate_frames(pipe, small_request(lora_name="broken"), lora_dir=root)
+    assert active_lora(pipe) is None and loaded_loras(pipe) == ["alpha"]
+    np.testing.assert_array_equal(generate_frames(pipe, small_request()), none)
+    assert lora_load_count(pipe) == 1
+
+
+def test_lora_request_without_a_lora_directory_is_refused(fresh_t2v_pipe):
+    with pytest.raises(LoraError, match="no LoRA directory"):
+        generate_frames(fresh_t2v_pipe, small_request(lora_name="alpha"))
+
+
+def test_concurrent_requests_with_different_loras_each_get_their_own_frames(fresh_t2v_pipe, lora_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = fresh_t2v_pipe
+    names = ["alpha", "beta", None, "alpha"]
+    serial = [generate_frames(pipe, small_request(lora_name=name), lora_dir=lora_dir) for name in names]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(
+            lambda name: generate_frames(pipe, small_request(lora_name=name), lora_dir=lora_dir), names))
+    for expected, got in zip(serial, concurrent):
+        np.testing.assert_array_equal(got, expected)
+    assert lora_load_count(pipe) == 2
