@@ -11,6 +11,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from inference.options import OPTION_NAMES, InferenceOptions
+from inference.sampling import SCHEDULERS
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("LIGHTX2V_VAR_DIR", BASE_DIR / "var"))
@@ -142,6 +143,15 @@ LIGHTX2V_UPLOAD_ROOT = Path(os.environ.get("LIGHTX2V_UPLOAD_ROOT", VAR_DIR / "up
 # Folders from which a request's ``image_path`` may name a file; empty = no server-side paths.
 LIGHTX2V_INPUT_ROOTS = env_paths("LIGHTX2V_INPUT_ROOTS", [VAR_DIR / "inputs"])
 LIGHTX2V_MAX_DURATION = env_int("LIGHTX2V_MAX_DURATION", 10)  # seconds
+# LoRA files (<name>.safetensors) a request may name in lora_name; listed in /v1/service/metadata.
+LIGHTX2V_LORA_DIR = Path(os.environ.get("LIGHTX2V_LORA_DIR", VAR_DIR / "loras"))
+# The sampler: "" keeps the model's own scheduler, else one of inference.sampling.SCHEDULERS.
+LIGHTX2V_SCHEDULER = os.environ.get("LIGHTX2V_SCHEDULER", "")
+if LIGHTX2V_SCHEDULER and LIGHTX2V_SCHEDULER not in SCHEDULERS:
+    raise ImproperlyConfigured(f"LIGHTX2V_SCHEDULER must be empty or one of {', '.join(SCHEDULERS)}")
+# A step-distilled model (4 steps, no CFG, as LightX2V ships) samples with flow shift 5 at every size;
+# otherwise the default shift follows the resolution (3.0 up to 480p, 5.0 above).
+LIGHTX2V_DISTILLED = env_bool("LIGHTX2V_DISTILLED", True)
 LIGHTX2V_MAX_PIXELS = env_int("LIGHTX2V_MAX_PIXELS", 1280 * 720)  # height x width
 LIGHTX2V_MAX_UPLOAD_BYTES = env_int("LIGHTX2V_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
 LIGHTX2V_MAX_IMAGE_PIXELS = env_int("LIGHTX2V_MAX_IMAGE_PIXELS", 40_000_000)

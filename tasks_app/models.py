@@ -48,9 +48,19 @@ class VideoTask(models.Model):
     width = models.PositiveIntegerField(default=832)
     num_fragments = models.PositiveSmallIntegerField(default=1)
     guidance_scale = models.FloatField(default=1.0)
+    sample_shift = models.FloatField(default=5.0, help_text="flow shift of the sampler, as used")
+    lora_name = models.CharField(max_length=128, blank=True, help_text="a LoRA in LIGHTX2V_LORA_DIR, or none")
+    lora_strength = models.FloatField(default=1.0)
+    resize_mode = models.CharField(
+        max_length=16, default="adaptive", help_text="how an I2V image meets the size: adaptive | fixed_shape"
+    )
 
     # The run.
     file_path = models.CharField(max_length=255, blank=True, help_text='e.g. "outputs/videos/<task_id>.mp4"')
+    poster_path = models.CharField(max_length=255, blank=True, help_text='e.g. "outputs/videos/<task_id>.jpg"')
+    video_info = models.JSONField(
+        default=dict, blank=True, help_text="the finished MP4: frames, fps, duration_s, width, height, size_bytes"
+    )
     error = models.TextField(blank=True, help_text="the failure reason, for operators")
     attempt_count = models.PositiveIntegerField(default=0, help_text="how many times a worker claimed it")
     worker_name = models.CharField(

@@ -9,6 +9,12 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+RESIZE_MODES = ("adaptive", "fixed_shape")
+
+from inference.images import fit_size
+from inference.lora import MAX_LORA_STRENGTH, list_loras
+from inference.sampling import default_shift
+
 from . import images, selectors, storage
 from .models import TaskAttempt, VideoTask
 from .services import MAX_SEED
@@ -61,7 +67,22 @@ class VideoRequestSerializer(serializers.Serializer):
     height = _size_field(480)
     width = _size_field(832)
     num_fragments = StrictIntegerField(default=1, min_value=1, max_value=8)
-    guidance_scale = FiniteFloatField(default=1.0, min_value=1.0, max_value=20.0)
+    guidance_scale = FiniteFloatField(
+        default=1.0, min_value=1.0, max_value=20.0, help_text="1.0 = no CFG (distilled model); >1 runs CFG"
+    )
+    sample_shift = FiniteFloatField(
+        required=False, allow_null=True, default=None, min_value=0.5, max_value=20.0,
+        help_text="flow shift; default 5 for the distilled model, else 3 up to 480p and 5 above",
+    )  # fmt: skip
+    lora_name = serializers.CharField(
+        required=False, allow_blank=True, default="", max_length=128, help_text="one of /v1/service/metadata loras"
+    )
+    lora_strength = FiniteFloatField(default=1.0, min_value=0.0, max_value=MAX_LORA_STRENGTH)
+    resize_mode = serializers.ChoiceField(
+        choices=RESIZE_MODES, default="adaptive",
+        help_text="I2V: adaptive keeps the image's aspect ratio at the requested area (sides multiples of 16); "
+        "fixed_shape crops the centre to exactly height x width",
+    )  # fmt: skip
 
     def validate_video_duration(self, value: int) -> int:
         if value > settings.LIGHTX2V_MAX_DURATION:
@@ -86,6 +107,12 @@ class VideoRequestSerializer(serializers.Serializer):
         self._input_image = _or_field_error(images.load_image_file, resolved)
         return value
 
+    def validate_lora_name(self, value: str) -> str:
+        if value and value not in list_loras(settings.LIGHTX2V_LORA_DIR):
+            available = ", ".join(list_loras(settings.LIGHTX2V_LORA_DIR)) or "none"
+            raise serializers.ValidationError(f"unknown LoRA; available: {available}")
+        return value
+
     def validate(self, attrs):
         if attrs["height"] * attrs["width"] > settings.LIGHTX2V_MAX_PIXELS:
             raise serializers.ValidationError(
@@ -96,6 +123,13 @@ class VideoRequestSerializer(serializers.Serializer):
         if needs_i2v and not settings.LIGHTX2V_I2V_MODEL_PATH:
             field = "image_path" if attrs["image"] is not None else "num_fragments"
             raise serializers.ValidationError({field: ["this server has no image-to-video model configured"]})
+        if attrs["image"] is not None:
+            attrs["height"], attrs["width"] = fit_size(
+                attrs["image"].width, attrs["image"].height,
+                height=attrs["height"], width=attrs["width"], resize_mode=attrs["resize_mode"],
+            )  # fmt: skip
+        if attrs["sample_shift"] is None:
+            attrs["sample_shift"] = default_shift(attrs["height"], attrs["width"], distilled=settings.LIGHTX2V_DISTILLED)
         return attrs
 
 
@@ -148,15 +182,17 @@ class TaskStatusSerializer(serializers.ModelSerializer):
     attempts = TaskAttemptSerializer(source="attempt_records", many=True, read_only=True)
     queue_position = serializers.SerializerMethodField()
     result_url = serializers.SerializerMethodField()
+    poster_url = serializers.SerializerMethodField()
 
     class Meta:
         model = VideoTask
         fields = [
             "task_id", "status", "progress", "message", "task_type",
             "prompt", "negative_prompt", "image_path", "infer_steps", "video_duration", "seed",
-            "height", "width", "num_fragments", "guidance_scale",
+            "height", "width", "num_fragments", "guidance_scale", "sample_shift", "lora_name", "lora_strength",
+            "resize_mode",
             "created_at", "started_at", "finished_at", "attempt_count", "attempts",
-            "queue_position", "file_path", "result_url", "run_stats",
+            "queue_position", "file_path", "result_url", "poster_url", "video_info", "run_stats",
         ]  # fmt: skip
         read_only_fields = fields
 
@@ -166,11 +202,19 @@ class TaskStatusSerializer(serializers.ModelSerializer):
             return None
         return selectors.queue_position(task=task)
 
+    @extend_schema_field(serializers.URLField(allow_null=True, help_text="a JPEG frame of the video"))
+    def get_poster_url(self, task: VideoTask) -> str | None:
+        if task.status != VideoTask.Status.SUCCEED or not task.poster_path:
+            return None
+        return self._absolute(reverse("file-download", kwargs={"file_path": task.poster_path}))
+
     @extend_schema_field(serializers.URLField(allow_null=True))
     def get_result_url(self, task: VideoTask) -> str | None:
         if task.status != VideoTask.Status.SUCCEED:
             return None
-        url = reverse("task-result", kwargs={"task_id": task.task_id})
+        return self._absolute(reverse("task-result", kwargs={"task_id": task.task_id}))
+
+    def _absolute(self, url: str) -> str:
         request = self.context.get("request")
         return request.build_absolute_uri(url) if request else url
 

@@ -188,14 +188,18 @@ def task_report_progress(*, task: VideoTask, progress: float, message: str) -> N
         raise TaskNoLongerRunning(str(task.pk))
 
 
-def task_finish(*, task: VideoTask, file_path: str, run_stats: dict[str, Any]) -> bool:
-    """Mark this run succeeded with its video; False if it lost the task meanwhile."""
+def task_finish(
+    *, task: VideoTask, file_path: str, poster_path: str, video_info: dict[str, Any], run_stats: dict[str, Any]
+) -> bool:
+    """Mark this run succeeded with its video and poster; False if it lost the task meanwhile."""
     with transaction.atomic():
         finished = _this_run(task).update(
             status=Status.SUCCEED,
             progress=1.0,
             message="completed",
             file_path=file_path,
+            poster_path=poster_path,
+            video_info=video_info,
             run_stats=run_stats,
             finished_at=timezone.now(),
         )
@@ -297,6 +301,8 @@ def task_retry(*, task: VideoTask) -> VideoTask:
             message="queued (retry)",
             error="",
             file_path="",
+            poster_path="",
+            video_info={},
             queued_at=timezone.now(),
             started_at=None,
             heartbeat_at=None,

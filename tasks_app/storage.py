@@ -22,9 +22,9 @@ def upload_root() -> Path:
     return Path(settings.LIGHTX2V_UPLOAD_ROOT).resolve()
 
 
-def video_public_path(task_id: uuid.UUID) -> str:
-    """The client-facing path of a task's video, e.g. ``outputs/videos/<task_id>.mp4``."""
-    return f"{PUBLIC_OUTPUT_PREFIX}/{VIDEO_FOLDER}/{task_id}.mp4"
+def video_public_path(task_id: uuid.UUID, suffix: str = ".mp4") -> str:
+    """The client-facing path of a task's video (or its ``.jpg`` poster), e.g. ``outputs/videos/<task_id>.mp4``."""
+    return f"{PUBLIC_OUTPUT_PREFIX}/{VIDEO_FOLDER}/{task_id}{suffix}"
 
 
 def is_well_formed_public_path(public_path: str) -> bool:
@@ -54,11 +54,11 @@ def resolve_public_path(public_path: str) -> Path | None:
     return resolved
 
 
-def video_file_for(task_id: uuid.UUID) -> Path:
-    """Where the worker writes a task's video (the folder is created)."""
+def video_file_for(task_id: uuid.UUID, suffix: str = ".mp4") -> Path:
+    """Where the worker writes a task's video (or its ``.jpg`` poster); the folder is created."""
     folder = output_root() / VIDEO_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{task_id}.mp4"
+    return folder / f"{task_id}{suffix}"
 
 
 def save_input_image(image: Image.Image, task_id: uuid.UUID) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import connection
+from django.db.models import Q
 from django.http import FileResponse
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
@@ -18,9 +19,13 @@ from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
+from inference.lora import list_loras
+from inference.sampling import SCHEDULERS
+
 from . import fingerprints, selectors, services, storage
 from .models import VideoTask
 from .serializers import (
+    RESIZE_MODES,
     QueueStatusSerializer,
     TaskCreatedSerializer,
     TaskStatusSerializer,
@@ -35,6 +40,7 @@ REQUEST_DEFAULTS = {
     if name not in ("prompt", "negative_prompt", "image_path", "seed")
 }
 MP4_RESPONSE = OpenApiResponse(response=OpenApiTypes.BINARY, description="the H.264 MP4 (video/mp4)")
+POSTER_RESPONSE = OpenApiResponse(response=OpenApiTypes.BINARY, description="the poster frame (image/jpeg)")
 ERROR_RESPONSE = OpenApiResponse(
     response=inline_serializer("Error", {"detail": serializers.CharField()}), description="JSON error"
 )
@@ -167,22 +173,27 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
 class FileViewSet(viewsets.ViewSet):
     """Download of output files that belong to the caller's tasks."""
 
-    @extend_schema(responses={(200, "video/mp4"): MP4_RESPONSE, 404: ERROR_RESPONSE}, summary="Download a file")
+    @extend_schema(
+        responses={(200, "video/mp4"): MP4_RESPONSE, (200, "image/jpeg"): POSTER_RESPONSE, 404: ERROR_RESPONSE},
+        summary="Download a task's video or poster",
+    )
     def download(self, request, file_path: str = ""):
         owned = (
             storage.is_well_formed_public_path(file_path)
-            and VideoTask.objects.filter(
-                owner=request.user, file_path=file_path, status=VideoTask.Status.SUCCEED
-            ).exists()
+            and VideoTask.objects.filter(Q(file_path=file_path) | Q(poster_path=file_path))
+            .filter(owner=request.user, status=VideoTask.Status.SUCCEED)
+            .exists()
         )
-        video = storage.resolve_public_path(file_path) if owned else None
-        if video is None:
+        found = storage.resolve_public_path(file_path) if owned else None
+        if found is None:
             raise NotFound()
-        return _stream_video(video)
+        return _stream_video(found)
 
 
 def _stream_video(path: Path) -> FileResponse:
-    return FileResponse(path.open("rb"), content_type="video/mp4", filename=path.name)
+    """A task's MP4, or its JPEG poster."""
+    content_type = "image/jpeg" if path.suffix == ".jpg" else "video/mp4"
+    return FileResponse(path.open("rb"), content_type=content_type, filename=path.name)
 
 
 SERVICE_STATUS = inline_serializer(
@@ -224,11 +235,15 @@ class ServiceViewSet(viewsets.ViewSet):
                     "t2v": Path(settings.LIGHTX2V_MODEL_PATH).name or None,
                     "i2v": Path(settings.LIGHTX2V_I2V_MODEL_PATH).name or None,
                 },
-                "defaults": {**REQUEST_DEFAULTS, "fps": 16},
+                "defaults": {**REQUEST_DEFAULTS, "fps": 16, "sample_shift": "5.0 (distilled) or by resolution"},
+                "loras": list_loras(settings.LIGHTX2V_LORA_DIR),
+                "schedulers": {"available": list(SCHEDULERS), "configured": settings.LIGHTX2V_SCHEDULER or "model"},
+                "resize_modes": list(RESIZE_MODES),
                 "limits": {
                     "infer_steps": [1, 50], "video_duration": [1, settings.LIGHTX2V_MAX_DURATION],
                     "size": [16, 1280], "size_multiple": 16, "max_pixels": settings.LIGHTX2V_MAX_PIXELS,
                     "num_fragments": [1, 8], "guidance_scale": [1.0, 20.0], "prompt_chars": 2000,
+                    "sample_shift": [0.5, 20.0], "lora_strength": [0.0, 2.0],
                     "max_upload_bytes": settings.LIGHTX2V_MAX_UPLOAD_BYTES,
                 },
             }  # fmt: skip

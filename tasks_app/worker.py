@@ -5,6 +5,7 @@ oldest, so a duplicated message finds nothing to do and a lost one is covered by
 pipeline is loaded lazily inside the worker process (never in the forking parent) and cached by
 ``inference.pipelines`` for every later task of that process.
 """
+import hashlib
 import logging
 import os
 import socket
@@ -17,13 +18,13 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django_q.exceptions import TimeoutException
 
-from inference.encode import encode_mp4
+from inference.encode import encode_mp4, video_metadata, write_poster
 from inference.generate import (
     FPS,
     GenerationRequest,
     frames_for_duration,
     generate_frames,
-    last_frame_image,
+    continuation_request,
     warm_up,
 )
 from inference.pipelines import applied_options, load_count, load_pipeline, resolve_device
@@ -106,15 +107,22 @@ def execute_task(run: worker_process.Run) -> None:
         started = time.perf_counter()
         video_file = storage.video_file_for(task.task_id)
         encode_mp4(frames, video_file, fps=FPS)
+        write_poster(frames, storage.video_file_for(task.task_id, ".jpg"))
         run_stats["encode_s"] = round(time.perf_counter() - started, 3)
         run_stats["memory_mib"] = memory_in_use_mib()
         finished = _with_database_retry(
             lambda: services.task_finish(
-                task=task, file_path=storage.video_public_path(task.task_id), run_stats=run_stats
+                task=task,
+                file_path=storage.video_public_path(task.task_id),
+                poster_path=storage.video_public_path(task.task_id, ".jpg"),
+                video_info=video_metadata(video_file),
+                run_stats=run_stats,
             )
         )
         if not finished:
-            video_file.unlink(missing_ok=True)  # cancelled (or taken back) while encoding: leave nothing behind
+            # Cancelled (or taken back) while encoding: leave nothing behind.
+            video_file.unlink(missing_ok=True)
+            storage.video_file_for(task.task_id, ".jpg").unlink(missing_ok=True)
             raise services.TaskNoLongerRunning(str(task.task_id))
         logger.info("task %s succeeded: %s", task.task_id, run_stats)
     except services.TaskNoLongerRunning:
@@ -172,34 +180,76 @@ def _report(run: worker_process.Run, progress: float, message: str) -> None:
 
 
 def _generate(run: worker_process.Run, run_stats: dict) -> np.ndarray:
-    """Denoise and decode every fragment; later fragments continue from the previous last frame."""
+    """Denoise and decode every fragment; later fragments continue from the previous last frame.
+
+    ``run_stats["fragments"]`` gets, per fragment, the SHA-256 of its conditioning image and of its
+    last frame, so the seams can be checked from outside.
+    """
     task = run.task
-    image = storage.open_input_image(task.input_image) if task.input_image else None
-    fragments: list[np.ndarray] = []
+    request = _first_request(task)
+    joined: list[np.ndarray] = []
+    run_stats["fragments"] = []
     for index in range(task.num_fragments):
-        kind = "i2v" if image is not None else "t2v"
-        pipe = _pipeline(kind, run_stats)
+        pipe = _pipeline(request.kind, run_stats)
         if index == 0:
             # The time limit covers generation, not a model's first load.
             run.deadline = time.monotonic() + settings.LIGHTX2V_TASK_TIMEOUT
-        request = GenerationRequest(
-            prompt=task.prompt,
-            negative_prompt=task.negative_prompt,
-            image=image,
-            infer_steps=task.infer_steps,
-            num_frames=frames_for_duration(task.video_duration),
-            height=task.height,
-            width=task.width,
-            seed=task.seed + index,
-            guidance_scale=task.guidance_scale,
-        )
+        calls_before = transformer_calls(pipe)
         started = time.perf_counter()
-        frames = generate_frames(pipe, request, on_step=_progress_reporter(run, index, run_stats))
+        frames = generate_frames(
+            pipe, request, on_step=_progress_reporter(run, index, run_stats), lora_dir=settings.LIGHTX2V_LORA_DIR
+        )
         run_stats["denoise_decode_s"] = round(run_stats.get("denoise_decode_s", 0) + time.perf_counter() - started, 3)
+        run_stats["fragments"].append(
+            {
+                "input_sha256": _sha256(np.asarray(request.image)) if request.image is not None else None,
+                "last_frame_sha256": _sha256(frames[-1]),
+                "transformer_calls": transformer_calls(pipe) - calls_before,
+            }
+        )
         # The first frame of a continuation repeats the seam frame it was conditioned on.
-        fragments.append(frames if index == 0 else frames[1:])
-        image = last_frame_image(frames)
-    return np.concatenate(fragments, axis=0)
+        joined.append(frames if index == 0 else frames[1:])
+        request = continuation_request(request, frames)
+    return np.concatenate(joined, axis=0)
+
+
+def _first_request(task) -> GenerationRequest:
+    image = storage.open_input_image(task.input_image) if task.input_image else None
+    return GenerationRequest(
+        prompt=task.prompt,
+        negative_prompt=task.negative_prompt,
+        image=image,
+        infer_steps=task.infer_steps,
+        num_frames=frames_for_duration(task.video_duration),
+        height=task.height,
+        width=task.width,
+        seed=task.seed,
+        guidance_scale=task.guidance_scale,
+        sample_shift=task.sample_shift,
+        scheduler=settings.LIGHTX2V_SCHEDULER or None,
+        # An adaptive size was fitted to the image at submit (task.height/width); here the image is
+        # only brought to that size, which keeps its aspect ratio.
+        resize_mode="fixed_shape",
+        lora_name=task.lora_name or None,
+        lora_strength=task.lora_strength,
+    )
+
+
+def _sha256(pixels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def transformer_calls(pipe) -> int:
+    """How many forward passes ``pipe``'s transformer has run (a counter hooked in on first use)."""
+    transformer = pipe.transformer
+    if not hasattr(transformer, "_lightx2v_calls"):
+        transformer._lightx2v_calls = 0
+
+        def count(module, args):
+            module._lightx2v_calls += 1
+
+        transformer.register_forward_pre_hook(count)
+    return transformer._lightx2v_calls
 
 
 def memory_in_use_mib() -> dict[str, float]:

@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny Wan model, users with tokens, HTTP clients, real worker processes."""
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -10,18 +11,20 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_SETTINGS = {"t2v": "LIGHTX2V_MODEL_PATH", "i2v": "LIGHTX2V_I2V_MODEL_PATH"}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_model_dirs():
-    """Build the tiny T2V + I2V pair where the test settings point (once per session)."""
+    """Build the tiny T2V + I2V pair and LoRAs where the test settings point (once per session)."""
     from django.conf import settings
-
-    from inference.tiny import build_tiny_models
 
     if not getattr(settings, "LIGHTX2V_MODEL_PATH", ""):
         return None  # plain-python runs (tests/inference) build their own
-    return build_tiny_models(Path(settings.LIGHTX2V_MODEL_PATH).parent)
+    from django.core.management import call_command
+
+    call_command("build_tiny_model", Path(settings.LIGHTX2V_MODEL_PATH).parent, stdout=io.StringIO())
+    return {kind: Path(getattr(settings, setting)) for kind, setting in MODEL_SETTINGS.items()}
 
 
 @pytest.fixture

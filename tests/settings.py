@@ -17,6 +17,7 @@ _test_environment = {
     "LIGHTX2V_MODEL_PATH": str(_var_dir / "tiny-model" / "t2v"),
     "LIGHTX2V_I2V_MODEL_PATH": str(_var_dir / "tiny-model" / "i2v"),
     "LIGHTX2V_INPUT_ROOTS": str(_var_dir / "inputs"),
+    "LIGHTX2V_LORA_DIR": str(_var_dir / "tiny-model" / "loras"),
     "LIGHTX2V_DEVICE": "cpu",
 }
 for _name, _value in _test_environment.items():

@@ -92,6 +92,13 @@ CORPUS = [
     Bad("guidance NaN", "json", {**OK, "guidance_scale": "NaN"}, 400, "guidance_scale"),
     Bad("guidance infinite", "json", {**OK, "guidance_scale": "Infinity"}, 400, "guidance_scale"),
     Bad("guidance over 20", "json", {**OK, "guidance_scale": 21}, 400, "guidance_scale"),
+    Bad("unknown LoRA", "json", {**OK, "lora_name": "gamma"}, 400, "lora_name"),
+    Bad("LoRA traversal", "json", {**OK, "lora_name": "../secret/secret"}, 400, "lora_name"),
+    Bad("LoRA strength over 2", "json", {**OK, "lora_name": "alpha", "lora_strength": 2.5}, 400, "lora_strength"),
+    Bad("LoRA strength negative", "json", {**OK, "lora_strength": -0.1}, 400, "lora_strength"),
+    Bad("sample_shift zero", "json", {**OK, "sample_shift": 0}, 400, "sample_shift"),
+    Bad("sample_shift text", "json", {**OK, "sample_shift": "high"}, 400, "sample_shift"),
+    Bad("resize_mode unknown", "json", {**OK, "resize_mode": "stretch"}, 400, "resize_mode"),
     # --- image_path: traversal in every spelling, URLs, fake images -------------------------------
     Bad("image_path absolute secret", "json", {**OK, "image_path": "{secret}"}, 400, "image_path"),
     Bad("image_path dot-dot", "json", {**OK, "image_path": "../secret/" + SECRET_NAME}, 400, "image_path"),

@@ -70,7 +70,8 @@ def test_multipart_upload_makes_an_i2v_task_stored_under_a_server_name(api, sett
 
     assert response.status_code == 201, response.json()
     task = VideoTask.objects.get(task_id=response.json()["task_id"])
-    assert task.task_type == "i2v" and task.height == 64
+    # resize_mode adaptive (the default): the 40x24 image's 5:3 shape at no more than 64x64 pixels.
+    assert task.task_type == "i2v" and (task.height, task.width) == (48, 80)
     assert (settings.LIGHTX2V_UPLOAD_ROOT / f"{task.task_id}.png").is_file()
 
 
@@ -84,3 +85,24 @@ def _upload(name: str, content: bytes, content_type: str = "image/png"):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     return SimpleUploadedFile(name, content, content_type=content_type)
+
+
+def test_fixed_shape_keeps_the_requested_size_for_i2v(api):
+    upload = _upload("wide.png", png_bytes(40, 24))
+    body = {"prompt": "p", "height": "64", "width": "64", "resize_mode": "fixed_shape", "image_file": upload}
+    response = api.post(SUBMIT_FORM, body)
+    assert response.status_code == 201, response.json()
+    task = VideoTask.objects.get(task_id=response.json()["task_id"])
+    assert (task.height, task.width, task.resize_mode) == (64, 64, "fixed_shape")
+
+
+def test_new_generation_fields_are_stored_and_reported(api):
+    body = {"prompt": "p", "lora_name": "alpha", "lora_strength": 0.5, "sample_shift": 3.0}
+    task_id = api.post(SUBMIT, body, format="json").json()["task_id"]
+
+    status = api.get(f"/v1/tasks/{task_id}/status").json()
+
+    assert (status["lora_name"], status["lora_strength"], status["sample_shift"]) == ("alpha", 0.5, 3.0)
+    default = api.post(SUBMIT, {"prompt": "p"}, format="json").json()["task_id"]
+    assert api.get(f"/v1/tasks/{default}/status").json()["sample_shift"] == 5.0  # distilled default
+    assert set(api.get("/v1/service/metadata").json()["loras"]) >= {"alpha", "beta"}
