@@ -8,7 +8,6 @@ from pathlib import Path
 from django.conf import settings
 from django.db import connection
 from django.db.models import Q
-from django.http import FileResponse
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
@@ -23,6 +22,7 @@ from inference.lora import list_loras
 from inference.sampling import SCHEDULERS
 
 from . import fingerprints, selectors, services, storage
+from .ranges import file_response
 from .models import VideoTask
 from .serializers import (
     RESIZE_MODES,
@@ -143,7 +143,10 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
         return Response(self.get_serializer(self.get_object()).data)
 
     @extend_schema(
-        responses={(200, "video/mp4"): MP4_RESPONSE, 409: TaskStatusSerializer, 404: ERROR_RESPONSE},
+        responses={
+            (200, "video/mp4"): MP4_RESPONSE, (206, "video/mp4"): MP4_RESPONSE,
+            409: TaskStatusSerializer, 404: ERROR_RESPONSE, 416: ERROR_RESPONSE,
+        },  # fmt: skip
         summary="Download the finished video",
     )
     @action(detail=True, methods=["get"])
@@ -152,7 +155,7 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
         video = storage.resolve_public_path(task.file_path) if task.status == VideoTask.Status.SUCCEED else None
         if video is None:
             return Response(self.get_serializer(task).data, status=status.HTTP_409_CONFLICT)
-        return _stream_video(video)
+        return _stream_video(request, video)
 
     @extend_schema(
         request=None,
@@ -174,7 +177,10 @@ class FileViewSet(viewsets.ViewSet):
     """Download of output files that belong to the caller's tasks."""
 
     @extend_schema(
-        responses={(200, "video/mp4"): MP4_RESPONSE, (200, "image/jpeg"): POSTER_RESPONSE, 404: ERROR_RESPONSE},
+        responses={
+            (200, "video/mp4"): MP4_RESPONSE, (200, "image/jpeg"): POSTER_RESPONSE,
+            (206, "video/mp4"): MP4_RESPONSE, 404: ERROR_RESPONSE, 416: ERROR_RESPONSE,
+        },  # fmt: skip
         summary="Download a task's video or poster",
     )
     def download(self, request, file_path: str = ""):
@@ -187,13 +193,12 @@ class FileViewSet(viewsets.ViewSet):
         found = storage.resolve_public_path(file_path) if owned else None
         if found is None:
             raise NotFound()
-        return _stream_video(found)
+        return _stream_video(request, found)
 
 
-def _stream_video(path: Path) -> FileResponse:
-    """A task's MP4, or its JPEG poster."""
-    content_type = "image/jpeg" if path.suffix == ".jpg" else "video/mp4"
-    return FileResponse(path.open("rb"), content_type=content_type, filename=path.name)
+def _stream_video(request, path: Path):
+    """A task's MP4, or its JPEG poster; ``Range`` requests get 206."""
+    return file_response(request, path, "image/jpeg" if path.suffix == ".jpg" else "video/mp4")
 
 
 SERVICE_STATUS = inline_serializer(

@@ -136,3 +136,30 @@ def test_openapi_schema_and_docs_are_served(client, db):
     assert "multipart/form-data" in schema["paths"]["/v1/tasks/video/form"]["post"]["requestBody"]["content"]
     assert "video/mp4" in schema["paths"]["/v1/tasks/{task_id}/result"]["get"]["responses"]["200"]["content"]
     assert client.get("/docs").status_code == 200 and client.get("/redoc").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("range_header", "status", "content_range", "body"),
+    [
+        ("bytes=0-3", 206, "bytes 0-3/1000", b"0123"),
+        ("bytes=995-", 206, "bytes 995-999/1000", b"56789"),
+        ("bytes=-3", 206, "bytes 997-999/1000", b"789"),
+        ("bytes=990-5000", 206, "bytes 990-999/1000", b"0123456789"),
+        ("bytes=1000-", 416, "bytes */1000", None),
+        ("bytes=5-2", 200, None, None),  # not a usable range: the whole file
+        ("items=0-3", 200, None, None),
+    ],
+)
+def test_both_downloads_honour_range_requests(api, task_id, range_header, status, content_range, body):
+    content = b"0123456789" * 100
+    public = _finished_video(task_id, content)
+    for url in (f"/v1/tasks/{task_id}/result", f"/v1/files/download/{public}"):
+        response = api.get(url, HTTP_RANGE=range_header)
+
+        assert response.status_code == status, url
+        assert response["Accept-Ranges"] == "bytes"
+        assert response.get("Content-Range") == content_range
+        if status == 206:
+            assert b"".join(response.streaming_content) == body and response["Content-Length"] == str(len(body))
+        elif status == 200:
+            assert b"".join(response.streaming_content) == content
