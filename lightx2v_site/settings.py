@@ -190,6 +190,10 @@ FILE_UPLOAD_HANDLERS = [
 ]
 DATA_UPLOAD_MAX_NUMBER_FIELDS = 100
 
+# /metrics (Prometheus): with a token, scrapers send "Authorization: Bearer <token>"; without one, only
+# loopback clients are answered (bind a sidecar or scrape through the host).
+LIGHTX2V_METRICS_TOKEN = os.environ.get("LIGHTX2V_METRICS_TOKEN", "")
+
 # HTTPS deployment (LIGHTX2V_HTTPS=1 behind a TLS proxy): secure cookies, HSTS, redirect to https.
 # `DEBUG=0 LIGHTX2V_HTTPS=1 SECRET_KEY=<50+ random chars> manage.py check --deploy` passes.
 LIGHTX2V_HTTPS = env_bool("LIGHTX2V_HTTPS", False)

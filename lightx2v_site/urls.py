@@ -3,6 +3,7 @@ from django.contrib import admin
 from django.urls import path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from tasks_app.metrics import metrics_view
 from tasks_app.views import FileViewSet, ServiceViewSet, VideoTaskViewSet
 
 
@@ -33,6 +34,7 @@ urlpatterns = [
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="swagger-ui"),
     path("redoc", SpectacularRedocView.as_view(url_name="openapi-schema"), name="redoc"),
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
 ]
 

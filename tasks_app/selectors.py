@@ -29,3 +29,9 @@ def status_counts() -> dict[str, int]:
 def live_worker_count() -> int:
     """Worker processes of running qclusters that reported in the last few seconds (django-q2 stats)."""
     return sum(len(stat.workers) for stat in Stat.get_all())
+
+
+def recent_step_seconds(*, limit: int) -> list[float]:
+    """Mean step times (``run_stats["step_s"]``) of the last ``limit`` succeeded tasks, newest first."""
+    recent = VideoTask.objects.filter(status=Status.SUCCEED).order_by("-finished_at")[:limit]
+    return [float(step_s) for step_s in recent.values_list("run_stats__step_s", flat=True) if step_s is not None]

@@ -290,8 +290,15 @@ def _pipeline(kind: str, run_stats: dict):
 def _progress_reporter(run: worker_process.Run, fragment_index: int, run_stats: dict):
     """A step callback that records progress and stops the run as ``_report`` decides."""
     fragments = run.task.num_fragments
+    previous_step_at = [time.perf_counter()]
 
     def on_step(step: int, total: int) -> None:
+        now = time.perf_counter()
+        run_stats["denoise_s"] = run_stats.get("denoise_s", 0.0) + now - previous_step_at[0]
+        run_stats["steps_done"] = run_stats.get("steps_done", 0) + 1
+        # Mean seconds per denoising step (the first includes the prompt encode): the ETA's basis.
+        run_stats["step_s"] = round(run_stats["denoise_s"] / run_stats["steps_done"], 4)
+        previous_step_at[0] = now
         run_stats["last_step"] = step
         done = (fragment_index + step / total) / fragments
         where = f"step {step}/{total}"

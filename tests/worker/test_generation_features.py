@@ -72,3 +72,7 @@ def test_a_finished_task_has_a_poster_and_video_metadata(workers, http):
     assert (info["width"], info["height"], info["frames"], info["fps"]) == (64, 64, 17, 16)
     assert info["size_bytes"] == len(http.get(f"/v1/tasks/{final['task_id']}/result").content)
     assert info["duration_s"] == pytest.approx(17 / 16)
+    metrics = http.get("/metrics").text  # the live server is on loopback
+    assert 'lightx2v_tasks{status="succeed"} 1.0' in metrics and "lightx2v_task_duration_seconds_count 1.0" in metrics
+    step_line = next(line for line in metrics.splitlines() if line.startswith("lightx2v_recent_step_seconds "))
+    assert float(step_line.split()[1]) > 0
