@@ -183,6 +183,7 @@ class TaskStatusSerializer(serializers.ModelSerializer):
     queue_position = serializers.SerializerMethodField()
     result_url = serializers.SerializerMethodField()
     poster_url = serializers.SerializerMethodField()
+    eta_s = serializers.SerializerMethodField()
 
     class Meta:
         model = VideoTask
@@ -192,7 +193,7 @@ class TaskStatusSerializer(serializers.ModelSerializer):
             "height", "width", "num_fragments", "guidance_scale", "sample_shift", "lora_name", "lora_strength",
             "resize_mode",
             "created_at", "started_at", "finished_at", "attempt_count", "attempts",
-            "queue_position", "file_path", "result_url", "poster_url", "video_info", "run_stats",
+            "queue_position", "eta_s", "file_path", "result_url", "poster_url", "video_info", "run_stats",
         ]  # fmt: skip
         read_only_fields = fields
 
@@ -201,6 +202,10 @@ class TaskStatusSerializer(serializers.ModelSerializer):
         if task.status != VideoTask.Status.SUBMITTED:
             return None
         return selectors.queue_position(task=task)
+
+    @extend_schema_field(serializers.FloatField(allow_null=True, help_text="estimated seconds until finished"))
+    def get_eta_s(self, task: VideoTask) -> float | None:
+        return selectors.eta_seconds(task=task)
 
     @extend_schema_field(serializers.URLField(allow_null=True, help_text="a JPEG frame of the video"))
     def get_poster_url(self, task: VideoTask) -> str | None:

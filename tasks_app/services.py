@@ -177,12 +177,17 @@ def task_heartbeat(*, task: VideoTask) -> bool:
     return bool(_this_run(task).update(heartbeat_at=timezone.now()))
 
 
-def task_report_progress(*, task: VideoTask, progress: float, message: str) -> None:
-    """Record progress of this run (kept monotonic); raise ``TaskNoLongerRunning`` once it lost the task."""
+def task_report_progress(
+    *, task: VideoTask, progress: float, message: str, run_stats: dict[str, Any] | None = None
+) -> None:
+    """Record progress of this run (kept monotonic, with the run's statistics so far when given);
+    raise ``TaskNoLongerRunning`` once it lost the task."""
+    changes: dict[str, Any] = {"run_stats": run_stats} if run_stats is not None else {}
     updated = _this_run(task).update(
         progress=Greatest(F("progress"), Value(min(progress, 1.0))),
         message=message,
         heartbeat_at=timezone.now(),
+        **changes,
     )
     if not updated:
         raise TaskNoLongerRunning(str(task.pk))

@@ -161,7 +161,7 @@ def _with_database_retry(write, *, patience_s: float | None = None):
             time.sleep(1.0)
 
 
-def _report(run: worker_process.Run, progress: float, message: str) -> None:
+def _report(run: worker_process.Run, progress: float, message: str, run_stats: dict | None = None) -> None:
     """Record progress, and stop the run when it is no longer ours, overdue on shutdown, or out of time.
 
     A failed progress write (database down) is logged and skipped: it never stops a generation.
@@ -169,7 +169,7 @@ def _report(run: worker_process.Run, progress: float, message: str) -> None:
     if run.lease_lost.is_set():
         raise services.TaskNoLongerRunning(str(run.task.pk))
     try:
-        services.task_report_progress(task=run.task, progress=progress, message=message)
+        services.task_report_progress(task=run.task, progress=progress, message=message, run_stats=run_stats)
     except DatabaseError as exc:
         logger.warning("progress of task %s not recorded: %s", run.task.pk, exc)
         connection.close()
@@ -304,6 +304,6 @@ def _progress_reporter(run: worker_process.Run, fragment_index: int, run_stats: 
         where = f"step {step}/{total}"
         if fragments > 1:
             where = f"fragment {fragment_index + 1}/{fragments}, {where}"
-        _report(run, DENOISE_SHARE * done, where)
+        _report(run, DENOISE_SHARE * done, where, run_stats)
 
     return on_step

@@ -163,3 +163,20 @@ def test_both_downloads_honour_range_requests(api, task_id, range_header, status
             assert b"".join(response.streaming_content) == body and response["Content-Length"] == str(len(body))
         elif status == 200:
             assert b"".join(response.streaming_content) == content
+
+
+def test_status_gives_an_eta_from_recent_tasks(api, task_id):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    assert api.get(f"/v1/tasks/{task_id}/status").json()["eta_s"] is None  # no history yet
+    done = api.post(SUBMIT, {"prompt": "done"}, format="json").json()["task_id"]
+    now = timezone.now()
+    VideoTask.objects.filter(task_id=done).update(
+        status="succeed", started_at=now - timedelta(seconds=20), finished_at=now
+    )
+    assert api.get(f"/v1/tasks/{task_id}/status").json()["eta_s"] == 20.0  # next in line, 20 s per task
+
+    VideoTask.objects.filter(task_id=task_id).update(status="running", run_stats={"step_s": 1.5, "steps_done": 1})
+    assert api.get(f"/v1/tasks/{task_id}/status").json()["eta_s"] == 4.5  # 3 of its 4 steps left
