@@ -190,6 +190,12 @@ FILE_UPLOAD_HANDLERS = [
 ]
 DATA_UPLOAD_MAX_NUMBER_FIELDS = 100
 
+# Webhooks (tasks_app/webhooks.py): retries back off from LIGHTX2V_WEBHOOK_BACKOFF_S, doubling, up to
+# LIGHTX2V_WEBHOOK_MAX_ATTEMPTS; callback URLs to loopback/private addresses only with ALLOW_PRIVATE.
+LIGHTX2V_WEBHOOK_ALLOW_PRIVATE = env_bool("LIGHTX2V_WEBHOOK_ALLOW_PRIVATE", False)
+LIGHTX2V_WEBHOOK_MAX_ATTEMPTS = env_int("LIGHTX2V_WEBHOOK_MAX_ATTEMPTS", 8)
+LIGHTX2V_WEBHOOK_BACKOFF_S = env_float("LIGHTX2V_WEBHOOK_BACKOFF_S", 2)
+
 # /metrics (Prometheus): with a token, scrapers send "Authorization: Bearer <token>"; without one, only
 # loopback clients are answered (bind a sidecar or scrape through the host).
 LIGHTX2V_METRICS_TOKEN = os.environ.get("LIGHTX2V_METRICS_TOKEN", "")

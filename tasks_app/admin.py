@@ -2,9 +2,9 @@
 from django.contrib import admin, messages
 from django.utils import timezone
 
-from . import services
+from . import services, webhooks
 from .errors import ServiceError
-from .models import ApiToken, TaskAttempt, VideoTask
+from .models import ApiToken, TaskAttempt, VideoTask, WebhookDelivery
 
 
 class TaskAttemptInline(admin.TabularInline):
@@ -70,3 +70,21 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False  # the raw key is shown once: create tokens with `manage.py create_api_token`
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    """Every webhook delivery with its attempts and last answer; re-send from here."""
+
+    list_display = ("event", "task", "url", "attempts", "last_status_code", "delivered_at", "gave_up_at", "created_at")
+    list_filter = ("event", "delivered_at", "gave_up_at")
+    search_fields = ("task__task_id", "url")
+    readonly_fields = [f.name for f in WebhookDelivery._meta.fields]
+    actions = ("resend_deliveries",)
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.action(description="Re-send selected deliveries")
+    def resend_deliveries(self, request, queryset):
+        self.message_user(request, f"Re-sending {webhooks.resend(queryset)} delivery(ies).", messages.SUCCESS)

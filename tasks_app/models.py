@@ -55,6 +55,10 @@ class VideoTask(models.Model):
         max_length=16, default="adaptive", help_text="how an I2V image meets the size: adaptive | fixed_shape"
     )
 
+    callback_url = models.URLField(
+        max_length=2000, blank=True, help_text="POSTed a signed JSON body on every terminal state"
+    )
+
     # The run.
     file_path = models.CharField(max_length=255, blank=True, help_text='e.g. "outputs/videos/<task_id>.mp4"')
     poster_path = models.CharField(max_length=255, blank=True, help_text='e.g. "outputs/videos/<task_id>.jpg"')
@@ -142,6 +146,46 @@ class TaskAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_id} #{self.number} {self.outcome}"
+
+
+class WebhookSecret(models.Model):
+    """The key a user's webhook deliveries are signed with (HMAC-SHA256); see ``tasks_app.webhooks``."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="webhook_secret")
+    secret = models.CharField(max_length=64, default=secrets.token_hex)
+    created_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"webhook secret of {self.user}"
+
+
+class WebhookDelivery(models.Model):
+    """One terminal-state notification of a task to its ``callback_url``, retried until delivered."""
+
+    task = models.ForeignKey(VideoTask, on_delete=models.CASCADE, related_name="webhook_deliveries")
+    url = models.URLField(max_length=2000)
+    event = models.CharField(max_length=32, help_text='e.g. "task.succeed"')
+    payload = models.JSONField()
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    gave_up_at = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=Q(delivered_at__isnull=True, gave_up_at__isnull=True),
+                name="webhook_due_idx",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event} {self.task_id} -> {self.url}"
 
 
 def hash_token(raw_key: str) -> str:

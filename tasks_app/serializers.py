@@ -15,7 +15,7 @@ from inference.images import fit_size
 from inference.lora import MAX_LORA_STRENGTH, list_loras
 from inference.sampling import default_shift
 
-from . import images, selectors, storage
+from . import images, selectors, storage, webhooks
 from .models import TaskAttempt, VideoTask
 from .services import MAX_SEED
 
@@ -77,6 +77,10 @@ class VideoRequestSerializer(serializers.Serializer):
     lora_name = serializers.CharField(
         required=False, allow_blank=True, default="", max_length=128, help_text="one of /v1/service/metadata loras"
     )
+    callback_url = serializers.URLField(
+        required=False, allow_blank=True, default="", max_length=2000,
+        help_text="POSTed a signed JSON body (X-LightX2V-Signature) when the task succeeds, fails or is cancelled",
+    )  # fmt: skip
     lora_strength = FiniteFloatField(default=1.0, min_value=0.0, max_value=MAX_LORA_STRENGTH)
     resize_mode = serializers.ChoiceField(
         choices=RESIZE_MODES, default="adaptive",
@@ -105,6 +109,14 @@ class VideoRequestSerializer(serializers.Serializer):
         if resolved is None:
             raise serializers.ValidationError("must name an existing file inside the configured input folders")
         self._input_image = _or_field_error(images.load_image_file, resolved)
+        return value
+
+    def validate_callback_url(self, value: str) -> str:
+        if value:
+            try:
+                webhooks.check_callback_url(value)
+            except webhooks.CallbackRefused as exc:
+                raise serializers.ValidationError(str(exc)) from exc
         return value
 
     def validate_lora_name(self, value: str) -> str:
@@ -191,7 +203,7 @@ class TaskStatusSerializer(serializers.ModelSerializer):
             "task_id", "status", "progress", "message", "task_type",
             "prompt", "negative_prompt", "image_path", "infer_steps", "video_duration", "seed",
             "height", "width", "num_fragments", "guidance_scale", "sample_shift", "lora_name", "lora_strength",
-            "resize_mode",
+            "resize_mode", "callback_url",
             "created_at", "started_at", "finished_at", "attempt_count", "attempts",
             "queue_position", "eta_s", "file_path", "result_url", "poster_url", "video_info", "run_stats",
         ]  # fmt: skip

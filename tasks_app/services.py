@@ -20,7 +20,7 @@ from django.utils import timezone
 from django_q.tasks import async_task
 from PIL import Image
 
-from . import storage
+from . import storage, webhooks
 from .errors import (
     IdempotencyKeyReused,
     QueueFull,
@@ -166,6 +166,11 @@ def _this_run(task: VideoTask):
     )
 
 
+def _notify(task_pk) -> None:
+    """Queue the webhook of a task that just reached a terminal state (same transaction)."""
+    webhooks.enqueue(VideoTask.objects.get(pk=task_pk))
+
+
 def _end_attempt(task: VideoTask, outcome: str, error: str = "") -> None:
     TaskAttempt.objects.filter(task_id=task.pk, number=task.attempt_count, finished_at__isnull=True).update(
         outcome=outcome, error=error, finished_at=timezone.now()
@@ -210,6 +215,7 @@ def task_finish(
         )
         if finished:
             _end_attempt(task, TaskAttempt.Outcome.SUCCEED)
+            _notify(task.pk)
     return bool(finished)
 
 
@@ -228,6 +234,7 @@ def task_fail(
         )
         if failed:
             _end_attempt(task, TaskAttempt.Outcome.TIMED_OUT if timed_out else TaskAttempt.Outcome.FAILED, error)
+            _notify(task.pk)
     return bool(failed)
 
 
@@ -273,6 +280,8 @@ def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
                 task.message = f"queued again: {lost}"
                 _wake_workers()
             task.save(update_fields=["status", "progress", "message", "error", "heartbeat_at", "finished_at"])
+            if task.status == Status.FAILED:
+                webhooks.enqueue(task)
             logger.warning("task %s reaped: %s", task.pk, task.message)
             reaped.append(task)
     return reaped
@@ -291,6 +300,7 @@ def task_cancel(*, task: VideoTask) -> VideoTask:
         task.refresh_from_db()
         if cancelled:
             _end_attempt(task, TaskAttempt.Outcome.CANCELLED, "cancelled by user")
+            webhooks.enqueue(task)
     if not cancelled:
         raise TaskNotCancellable(f"task is already {task.status}", task=task)
     logger.info("task %s cancelled (was %s)", task.pk, "running" if was_running else "queued")

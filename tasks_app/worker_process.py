@@ -7,6 +7,8 @@ the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``
   marks the run lost when the lease is gone (cancelled, or taken back by a reaper);
 * reaps tasks of other workers whose lease ran out (``services.task_reap_stale``).
 
+A second thread sends due webhook deliveries (``webhooks.send_due``).
+
 Shutdown (SIGTERM to this process, or its cluster stopping after SIGTERM to ``qcluster``): an idle
 worker exits at once; a running task may go on for ``LIGHTX2V_SHUTDOWN_GRACE_S`` and is then handed
 back to the queue at its next step. Database
@@ -24,10 +26,11 @@ from django.db import DatabaseError, close_old_connections, connection
 from django_q.conf import Conf
 from django_q.status import Stat
 
-from . import services
+from . import services, webhooks
 from .models import VideoTask
 
 logger = logging.getLogger(__name__)
+WEBHOOK_POLL_S = 0.5
 
 
 class Run:
@@ -139,3 +142,18 @@ def start() -> None:
     threading.Thread(
         target=_heartbeat_loop, args=(os.getppid(),), name="lightx2v-heartbeat", daemon=True
     ).start()
+    threading.Thread(target=_webhook_loop, name="lightx2v-webhooks", daemon=True).start()
+
+
+def _webhook_loop() -> None:
+    """Send due webhook deliveries, off the generation thread (a slow receiver delays nothing else)."""
+    while True:
+        time.sleep(WEBHOOK_POLL_S)
+        try:
+            close_old_connections()
+            webhooks.send_due()
+        except DatabaseError as exc:
+            logger.warning("webhooks: database unavailable (%s); retrying", exc)
+            connection.close()
+        except Exception:  # noqa: BLE001 - the sender must outlive any single failure
+            logger.exception("webhook sending failed")

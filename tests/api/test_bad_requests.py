@@ -99,6 +99,11 @@ CORPUS = [
     Bad("sample_shift zero", "json", {**OK, "sample_shift": 0}, 400, "sample_shift"),
     Bad("sample_shift text", "json", {**OK, "sample_shift": "high"}, 400, "sample_shift"),
     Bad("resize_mode unknown", "json", {**OK, "resize_mode": "stretch"}, 400, "resize_mode"),
+    Bad("callback to loopback", "json", {**OK, "callback_url": "http://127.0.0.1:9/hook"}, 400, "callback_url"),
+    Bad("callback to localhost", "json", {**OK, "callback_url": "http://localhost/hook"}, 400, "callback_url"),
+    Bad("callback to metadata IP", "json", {**OK, "callback_url": "http://169.254.169.254/"}, 400, "callback_url"),
+    Bad("callback to private net", "json", {**OK, "callback_url": "https://10.0.0.8/hook"}, 400, "callback_url"),
+    Bad("callback not http", "json", {**OK, "callback_url": "ftp://example.com/x"}, 400, "callback_url"),
     # --- image_path: traversal in every spelling, URLs, fake images -------------------------------
     Bad("image_path absolute secret", "json", {**OK, "image_path": "{secret}"}, 400, "image_path"),
     Bad("image_path dot-dot", "json", {**OK, "image_path": "../secret/" + SECRET_NAME}, 400, "image_path"),

@@ -134,6 +134,7 @@ def test_a_submit_retried_after_a_lost_answer_makes_one_task(live_server, token,
     image = tmp_path / "cat.png"
     image.write_bytes(png_bytes(32, 32))
     body = client.submit(dict(TINY, prompt="once"), image=image if with_image else None)
+    client.session.close()
 
     assert [code for code, _ in calls] == [201, 200] and calls[0][1] == calls[1][1]
     assert body["message"] == "Existing task for this Idempotency-Key"

@@ -1,0 +1,100 @@
+"""Webhooks through real workers: one signed delivery per terminal state; a dead receiver is retried
+without holding up the queue."""
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tasks_app.models import WebhookDelivery, WebhookSecret
+from tests.conftest import wait_for
+from tests.worker.conftest import SMALL, submit
+
+pytestmark = pytest.mark.worker
+
+FAST_RETRIES = {"LIGHTX2V_WEBHOOK_ALLOW_PRIVATE": "1", "LIGHTX2V_WEBHOOK_BACKOFF_S": "0.2"}
+
+
+class Receiver:
+    """A local HTTP server that records every POST (headers and body) and answers 200."""
+
+    def __init__(self, port: int = 0):
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append((dict(self.headers), body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture(autouse=True)
+def allow_loopback_callbacks(settings):
+    settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE = True
+
+
+def _verify(headers: dict, body: bytes, secret: str) -> dict:
+    expected = hmac.new(secret.encode(), f"{headers['X-LightX2V-Timestamp']}.".encode() + body, hashlib.sha256)
+    assert headers["X-LightX2V-Signature"] == f"sha256={expected.hexdigest()}"
+    return json.loads(body)
+
+
+def test_each_terminal_state_is_delivered_once_and_signed(workers, http, receiver):
+    cancelled = submit(http, {"prompt": "never mind", **SMALL, "callback_url": receiver.url})
+    assert http.delete(f"/v1/tasks/{cancelled}").json()["status"] == "cancelled"
+    workers.start(extra_env=FAST_RETRIES)
+    succeeded = submit(http, {"prompt": "done", **SMALL, "callback_url": receiver.url})
+    assert http.poll_until_finished(succeeded)[0]["status"] == "succeed"
+
+    wait_for(lambda: len(receiver.received) >= 2, timeout=30, what="two deliveries")
+    wait_for(lambda: not WebhookDelivery.objects.filter(delivered_at__isnull=True).exists(), timeout=10, what="acks")
+
+    secret = WebhookSecret.objects.get(user__username="alice").secret
+    bodies = sorted((_verify(headers, body, secret) for headers, body in receiver.received), key=lambda b: b["event"])
+    assert [(b["event"], b["task_id"]) for b in bodies] == [("task.cancelled", cancelled), ("task.succeed", succeeded)]
+    assert bodies[1]["file_path"] == f"outputs/videos/{succeeded}.mp4"
+    assert len(receiver.received) == 2  # exactly one per terminal state
+
+
+def test_a_receiver_that_is_down_is_retried_without_delaying_the_next_task(workers, http):
+    down = Receiver()
+    port = down.server.server_port
+    down.close()  # nothing listens on this port now
+    workers.start(extra_env=FAST_RETRIES)
+    notified = submit(http, {"prompt": "tell a dead receiver", **SMALL, "callback_url": f"http://127.0.0.1:{port}/hook"})
+    assert http.poll_until_finished(notified)[0]["status"] == "succeed"
+    next_task = submit(http, {"prompt": "next", **SMALL})
+
+    next_final, _ = http.poll_until_finished(next_task, timeout=30)
+
+    assert next_final["status"] == "succeed"
+    wait_for(lambda: WebhookDelivery.objects.get().attempts >= 2, timeout=30, what="retries")
+    back_up = Receiver(port)
+    try:
+        wait_for(lambda: back_up.received, timeout=30, what="delivery once the receiver is back")
+        delivery = WebhookDelivery.objects.get()
+        assert delivery.delivered_at is not None and delivery.last_status_code == 200 and delivery.attempts >= 3
+        assert len(back_up.received) == 1
+    finally:
+        back_up.close()
