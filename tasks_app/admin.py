@@ -1,10 +1,15 @@
-"""Operator views: every task with its progress, filters, search, and retry/cancel actions."""
+"""Operator views: tasks with status badges and progress bars, filters, search, retry/cancel, the video
+player and input image on the task page, attempt history, webhook deliveries, tokens."""
 from django.contrib import admin, messages
+from django.http import Http404
+from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
 
-from . import services, webhooks
+from . import services, storage, webhooks
 from .errors import ServiceError
 from .models import ApiToken, TaskAttempt, VideoTask, WebhookDelivery
+from .ranges import file_response
 
 
 class TaskAttemptInline(admin.TabularInline):
@@ -20,15 +25,75 @@ class TaskAttemptInline(admin.TabularInline):
         return False
 
 
+STATUS_COLOURS = {
+    "submitted": "#6c757d", "running": "#0d6efd", "succeed": "#198754", "failed": "#dc3545", "cancelled": "#fd7e14",
+}  # fmt: skip
+
+
 @admin.register(VideoTask)
 class VideoTaskAdmin(admin.ModelAdmin):
-    list_display = ("task_id", "status", "progress", "task_type", "owner", "created_at", "attempt_count", "message")
+    list_display = (
+        "task_id", "status_badge", "progress_bar", "task_type", "owner", "created_at", "attempt_count", "message",
+    )  # fmt: skip
     list_filter = ("status", "task_type", "created_at", "owner")
     search_fields = ("prompt", "task_id", "owner__username")
     date_hierarchy = "created_at"
     actions = ("retry_tasks", "cancel_tasks")
-    readonly_fields = [f.name for f in VideoTask._meta.fields]
+    readonly_fields = ["video_player", "input_image_preview", *[f.name for f in VideoTask._meta.fields]]
     inlines = [TaskAttemptInline]
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, task: VideoTask):
+        colour = STATUS_COLOURS.get(task.status, "#6c757d")
+        return format_html(
+            '<span class="status-badge" style="background:{};color:#fff;padding:2px 8px;border-radius:8px">{}</span>',
+            colour, task.status,
+        )  # fmt: skip
+
+    @admin.display(description="progress", ordering="progress")
+    def progress_bar(self, task: VideoTask):
+        return format_html(
+            '<progress value="{}" max="100" title="{}%"></progress> {}%', round(task.progress * 100),
+            round(task.progress * 100), round(task.progress * 100),
+        )  # fmt: skip
+
+    @admin.display(description="video")
+    def video_player(self, task: VideoTask):
+        if task.status != VideoTask.Status.SUCCEED or not task.file_path:
+            return "—"
+        poster = reverse("admin:tasks_app_videotask_media", args=[task.pk, "poster"]) if task.poster_path else ""
+        return format_html(
+            '<video id="task-video" controls preload="metadata" width="480" poster="{}" src="{}"></video>',
+            poster, reverse("admin:tasks_app_videotask_media", args=[task.pk, "video"]),
+        )  # fmt: skip
+
+    @admin.display(description="input image")
+    def input_image_preview(self, task: VideoTask):
+        if not task.input_image:
+            return "—"
+        url = reverse("admin:tasks_app_videotask_media", args=[task.pk, "input"])
+        return format_html('<img id="task-input-image" src="{}" style="max-width:320px">', url)
+
+    def get_urls(self):
+        media_view = self.admin_site.admin_view(self.media_view)
+        media = path("<uuid:task_id>/media/<str:kind>/", media_view, name="tasks_app_videotask_media")
+        return [media, *super().get_urls()]
+
+    def media_view(self, request, task_id, kind: str):
+        """Staff only (admin_view): a task's video (Range-capable), poster or input image."""
+        task = VideoTask.objects.filter(pk=task_id).first()
+        if task is None or kind not in ("video", "poster", "input"):
+            raise Http404
+        if kind == "input":
+            found = storage.resolve_input_image(task.input_image) if task.input_image else None
+            content_type = "image/png"
+        else:
+            public = task.file_path if kind == "video" else task.poster_path
+            found = storage.resolve_public_path(public) if public else None
+            content_type = "video/mp4" if kind == "video" else "image/jpeg"
+        if found is None:
+            raise Http404
+        return file_response(request, found, content_type)
 
     def has_add_permission(self, request) -> bool:
         return False  # tasks enter through the API, which validates them

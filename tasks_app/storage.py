@@ -72,6 +72,12 @@ def save_input_image(image: Image.Image, task_id: uuid.UUID) -> str:
     return name
 
 
+def resolve_input_image(name: str) -> Path | None:
+    """The stored input image file of ``name`` (as ``save_input_image`` returned), or None."""
+    candidate = upload_root() / PurePosixPath(name).name
+    return candidate if candidate.is_file() and not candidate.is_symlink() else None
+
+
 def open_input_image(name: str) -> Image.Image:
     """Load a stored input image by the name ``save_input_image`` returned."""
     with Image.open(upload_root() / PurePosixPath(name).name) as image:
