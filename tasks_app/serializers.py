@@ -149,6 +149,9 @@ class VideoFormRequestSerializer(VideoRequestSerializer):
     """The multipart submit body: the JSON fields plus an uploaded ``image_file``."""
 
     image_file = serializers.FileField(required=False, help_text="PNG, JPEG or WebP, at most 20 MiB")
+    # A form field cannot carry null: leave these out (or empty) for the defaults.
+    seed = StrictIntegerField(required=False, default=None, min_value=0, max_value=MAX_SEED)
+    sample_shift = FiniteFloatField(required=False, default=None, min_value=0.5, max_value=20.0)
 
     def validate_image_file(self, upload):
         # Oversized uploads were already refused with 413 by the view, before decoding.
@@ -177,7 +180,7 @@ def _or_field_error(decode, source):
 
 class TaskCreatedSerializer(serializers.Serializer):
     task_id = serializers.UUIDField()
-    status = serializers.CharField()
+    status = serializers.ChoiceField(choices=VideoTask.Status.choices)
     message = serializers.CharField()
 
 
@@ -192,6 +195,10 @@ class TaskStatusSerializer(serializers.ModelSerializer):
     """A task as its owner sees it: state, progress, the parameters as used, its runs, and where the video is."""
 
     attempts = TaskAttemptSerializer(source="attempt_records", many=True, read_only=True)
+    callback_url = serializers.CharField(read_only=True, help_text='"" when none was given')
+    resize_mode = serializers.ChoiceField(choices=RESIZE_MODES, read_only=True)
+    video_info = serializers.DictField(read_only=True, help_text="frames, fps, duration_s, width, height, size_bytes")
+    run_stats = serializers.DictField(read_only=True, help_text="timings and counters of the last run")
     queue_position = serializers.SerializerMethodField()
     result_url = serializers.SerializerMethodField()
     poster_url = serializers.SerializerMethodField()

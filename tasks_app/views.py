@@ -47,10 +47,15 @@ ERROR_RESPONSE = OpenApiResponse(
 FIELD_ERRORS = OpenApiResponse(response=OpenApiTypes.OBJECT, description="field name -> list of rule failures")
 SUBMIT_ERRORS = {
     400: FIELD_ERRORS,
+    415: OpenApiResponse(response=ERROR_RESPONSE.response, description="unsupported Content-Type"),
     422: OpenApiResponse(response=ERROR_RESPONSE.response, description="Idempotency-Key reused with another body"),
     429: OpenApiResponse(response=ERROR_RESPONSE.response, description="too many unfinished tasks (Retry-After)"),
     503: OpenApiResponse(response=ERROR_RESPONSE.response, description="queue full (Retry-After)"),
 }
+SUBMIT_HEADERS = [
+    OpenApiParameter("Location", str, OpenApiParameter.HEADER, response=[200, 201], description="the status URL"),
+    OpenApiParameter("Retry-After", int, OpenApiParameter.HEADER, response=[429, 503], description="seconds"),
+]
 IDEMPOTENCY_KEY = OpenApiParameter(
     "Idempotency-Key",
     location=OpenApiParameter.HEADER,
@@ -89,7 +94,7 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
 
     @extend_schema(
         request=VideoRequestSerializer,
-        parameters=[IDEMPOTENCY_KEY],
+        parameters=[IDEMPOTENCY_KEY, *SUBMIT_HEADERS],
         responses={201: TaskCreatedSerializer, 200: TaskCreatedSerializer, **SUBMIT_ERRORS},
         summary="Submit a video task (JSON)",
     )
@@ -102,7 +107,7 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
 
     @extend_schema(
         request={"multipart/form-data": VideoFormRequestSerializer},
-        parameters=[IDEMPOTENCY_KEY],
+        parameters=[IDEMPOTENCY_KEY, *SUBMIT_HEADERS],
         responses={201: TaskCreatedSerializer, 200: TaskCreatedSerializer, 413: ERROR_RESPONSE, **SUBMIT_ERRORS},
         summary="Submit a video task (multipart, with an image_file for I2V)",
     )

@@ -19,7 +19,9 @@ _test_environment = {
     "LIGHTX2V_INPUT_ROOTS": str(_var_dir / "inputs"),
     "LIGHTX2V_LORA_DIR": str(_var_dir / "tiny-model" / "loras"),
     "LIGHTX2V_DEVICE": "cpu",
+    "STATIC_ROOT": str(_var_dir / "static"),
 }
+(_var_dir / "static").mkdir()  # whitenoise warns about a missing STATIC_ROOT
 for _name, _value in _test_environment.items():
     os.environ.setdefault(_name, _value)
 

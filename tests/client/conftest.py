@@ -29,6 +29,7 @@ def run_cli(server: str, token: str, *args: str, timeout: float = 120) -> subpro
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,
     )
 
 
