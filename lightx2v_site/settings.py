@@ -11,6 +11,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from inference.options import OPTION_NAMES, InferenceOptions
+from lightx2v_site.storages import build_storages
 from inference.sampling import SCHEDULERS
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -115,11 +116,6 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
-STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    # Gzipped copies at collectstatic; not the manifest variant, which needs collectstatic even in tests.
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
-}
 
 # ---------------------------------------------------------------------------------------------
 # The video service.
@@ -146,6 +142,20 @@ if LIGHTX2V_WARM_UP not in ("auto", "off", "load", "full"):
 LIGHTX2V_OUTPUT_ROOT = Path(os.environ.get("LIGHTX2V_OUTPUT_ROOT", VAR_DIR / "outputs"))
 # Input images (uploads and data: URLs), stored under server-chosen names.
 LIGHTX2V_UPLOAD_ROOT = Path(os.environ.get("LIGHTX2V_UPLOAD_ROOT", VAR_DIR / "uploads"))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    # outputs + uploads (lightx2v_site/storages.py): LIGHTX2V_STORAGE=filesystem (the two roots below) or s3
+    # (LIGHTX2V_S3_BUCKET, optional LIGHTX2V_S3_ENDPOINT_URL for MinIO and the like).
+    **build_storages(
+        os.environ.get("LIGHTX2V_STORAGE", "filesystem"),
+        output_root=LIGHTX2V_OUTPUT_ROOT,
+        upload_root=LIGHTX2V_UPLOAD_ROOT,
+        bucket=os.environ.get("LIGHTX2V_S3_BUCKET", ""),
+        endpoint_url=os.environ.get("LIGHTX2V_S3_ENDPOINT_URL", ""),
+    ),
+    # Gzipped copies at collectstatic; not the manifest variant, which needs collectstatic even in tests.
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
 # Folders from which a request's ``image_path`` may name a file; empty = no server-side paths.
 LIGHTX2V_INPUT_ROOTS = env_paths("LIGHTX2V_INPUT_ROOTS", [VAR_DIR / "inputs"])
 LIGHTX2V_MAX_DURATION = env_int("LIGHTX2V_MAX_DURATION", 10)  # seconds

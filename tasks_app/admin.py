@@ -85,15 +85,15 @@ class VideoTaskAdmin(admin.ModelAdmin):
         if task is None or kind not in ("video", "poster", "input"):
             raise Http404
         if kind == "input":
-            found = storage.resolve_input_image(task.input_image) if task.input_image else None
+            store, found = storage.uploads(), storage.stored_input_image(task.input_image)
             content_type = "image/png"
         else:
             public = task.file_path if kind == "video" else task.poster_path
-            found = storage.resolve_public_path(public) if public else None
+            store, found = storage.outputs(), storage.resolve_public_path(public) if public else None
             content_type = "video/mp4" if kind == "video" else "image/jpeg"
         if found is None:
             raise Http404
-        return file_response(request, found, content_type)
+        return file_response(request, store, found, content_type)
 
     def has_add_permission(self, request) -> bool:
         return False  # tasks enter through the API, which validates them

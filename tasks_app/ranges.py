@@ -4,7 +4,7 @@ One range per request (what players send); a header this does not understand is 
 file, 200), a range that starts past the end is 416, as RFC 9110 says.
 """
 import re
-from pathlib import Path
+from pathlib import PurePosixPath
 
 from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 
@@ -28,8 +28,13 @@ def _requested_span(header: str, size: int) -> tuple[int, int] | None | str:
     return None if last < first else (first, last)
 
 
-def _read_span(path: Path, first: int, last: int):
-    with path.open("rb") as handle:
+def _read_span(store, name: str, first: int, last: int):
+    """Bytes ``first..last`` of a stored file, streamed: an S3 ranged GET, or seek + read elsewhere."""
+    if hasattr(store, "bucket"):  # django-storages S3: let the bucket cut the range
+        body = store.bucket.Object(store._normalize_name(name)).get(Range=f"bytes={first}-{last}")["Body"]
+        yield from body.iter_chunks(CHUNK_BYTES)
+        return
+    with store.open(name, "rb") as handle:
         handle.seek(first)
         remaining = last - first + 1
         while remaining > 0:
@@ -40,18 +45,19 @@ def _read_span(path: Path, first: int, last: int):
             yield chunk
 
 
-def file_response(request, path: Path, content_type: str):
-    """The whole file (200) or the requested byte range (206); ``Accept-Ranges: bytes`` either way."""
-    size = path.stat().st_size
+def file_response(request, store, name: str, content_type: str):
+    """The stored file ``name`` whole (200) or the requested byte range (206); ``Accept-Ranges: bytes``."""
+    size = store.size(name)
     span = _requested_span(request.headers.get("Range", ""), size) if request.headers.get("Range") else None
     if span == "unsatisfiable":
         response = HttpResponse(b'{"detail": "Range not satisfiable."}', status=416, content_type="application/json")
         response["Content-Range"] = f"bytes */{size}"
     elif span is None:
-        response = FileResponse(path.open("rb"), content_type=content_type, filename=path.name)
+        response = FileResponse(store.open(name, "rb"), content_type=content_type, filename=PurePosixPath(name).name)
+        response["Content-Length"] = str(size)
     else:
         first, last = span
-        response = StreamingHttpResponse(_read_span(path, first, last), status=206, content_type=content_type)
+        response = StreamingHttpResponse(_read_span(store, name, first, last), status=206, content_type=content_type)
         response["Content-Range"] = f"bytes {first}-{last}/{size}"
         response["Content-Length"] = str(last - first + 1)
     response["Accept-Ranges"] = "bytes"

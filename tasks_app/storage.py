@@ -1,30 +1,39 @@
-"""Where files live: input images under the upload root, videos under the output root.
+"""Where files live: through Django's storage API, ``storages["outputs"]`` and ``storages["uploads"]``.
 
-Clients only ever see *public* paths such as ``outputs/videos/<task_id>.mp4``; this module maps
-them to disk and refuses anything that would land outside the configured folders.
+The local filesystem by default, an S3-compatible bucket with one setting (lightx2v_site/storages.py).
+Clients only ever see *public* paths such as ``outputs/videos/<task_id>.mp4``; this module maps them
+to storage names (``videos/<task_id>.mp4``) and refuses anything malformed. On the filesystem it also
+refuses symlinks and anything that resolves outside the output folder.
 """
-import os
+import io
 import uuid
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
+from django.core.files import File
+from django.core.files.base import ContentFile
+from django.core.files.storage import FileSystemStorage, storages
 from PIL import Image
 
 PUBLIC_OUTPUT_PREFIX = "outputs"
 VIDEO_FOLDER = "videos"
 
 
-def output_root() -> Path:
-    return Path(settings.LIGHTX2V_OUTPUT_ROOT).resolve()
+def outputs():
+    return storages["outputs"]
 
 
-def upload_root() -> Path:
-    return Path(settings.LIGHTX2V_UPLOAD_ROOT).resolve()
+def uploads():
+    return storages["uploads"]
 
 
 def video_public_path(task_id: uuid.UUID, suffix: str = ".mp4") -> str:
     """The client-facing path of a task's video (or its ``.jpg`` poster), e.g. ``outputs/videos/<task_id>.mp4``."""
-    return f"{PUBLIC_OUTPUT_PREFIX}/{VIDEO_FOLDER}/{task_id}{suffix}"
+    return f"{PUBLIC_OUTPUT_PREFIX}/{_video_name(task_id, suffix)}"
+
+
+def _video_name(task_id: uuid.UUID, suffix: str) -> str:
+    return f"{VIDEO_FOLDER}/{task_id}{suffix}"
 
 
 def is_well_formed_public_path(public_path: str) -> bool:
@@ -35,53 +44,66 @@ def is_well_formed_public_path(public_path: str) -> bool:
     return len(parts) >= 2 and parts[0] == PUBLIC_OUTPUT_PREFIX and not any(p in ("", ".", "..", "/") for p in parts[1:])
 
 
-def resolve_public_path(public_path: str) -> Path | None:
-    """The file a public output path names, or None when it is not a plain file inside the output root.
+def resolve_public_path(public_path: str) -> str | None:
+    """The storage name a public output path names, or None when it is malformed or not there.
 
-    Besides the syntax rules of ``is_well_formed_public_path``, refuses symlinks anywhere on the way:
-    the resolved path must equal the literal one and stay under the root.
+    On the filesystem the file must also be a plain file reached without symlinks inside the root.
     """
     if not is_well_formed_public_path(public_path):
         return None
-    root = output_root()
-    literal = root.joinpath(*PurePosixPath(public_path).parts[1:])
-    try:
-        resolved = literal.resolve(strict=True)
-    except (OSError, RuntimeError):
-        return None
-    if resolved != literal or not resolved.is_relative_to(root) or not resolved.is_file():
-        return None
-    return resolved
+    name = "/".join(PurePosixPath(public_path).parts[1:])
+    store = outputs()
+    if isinstance(store, FileSystemStorage):
+        root = Path(store.location).resolve()
+        literal = root / name
+        try:
+            resolved = literal.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        if resolved != literal or not resolved.is_relative_to(root) or not resolved.is_file():
+            return None
+        return name
+    return name if store.exists(name) else None
 
 
-def video_file_for(task_id: uuid.UUID, suffix: str = ".mp4") -> Path:
-    """Where the worker writes a task's video (or its ``.jpg`` poster); the folder is created."""
-    folder = output_root() / VIDEO_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{task_id}{suffix}"
+def publish_output(local_file: Path, task_id: uuid.UUID, suffix: str) -> str:
+    """Copy a finished local file into the outputs store as the task's video/poster; returns its public path.
+
+    Readers never see a partial file: the path is only published (on the task row) after this returns.
+    """
+    name = _video_name(task_id, suffix)
+    store = outputs()
+    store.delete(name)  # a re-run replaces its own earlier output
+    with local_file.open("rb") as handle:
+        saved = store.save(name, File(handle, name=Path(name).name))
+    if saved != name:
+        raise RuntimeError(f"output storage saved {name} as {saved}")
+    return video_public_path(task_id, suffix)
+
+
+def delete_outputs(task_id: uuid.UUID) -> None:
+    """Remove a task's video and poster (a run that lost its task leaves nothing behind)."""
+    for suffix in (".mp4", ".jpg"):
+        outputs().delete(_video_name(task_id, suffix))
 
 
 def save_input_image(image: Image.Image, task_id: uuid.UUID) -> str:
     """Store a verified input image as PNG under a server-chosen name; returns that name."""
-    root = upload_root()
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"{task_id}.png"
-    partial = root / f".{name}.partial"
-    image.convert("RGB").save(partial, format="PNG")
-    os.replace(partial, root / name)
-    return name
-
-
-def resolve_input_image(name: str) -> Path | None:
-    """The stored input image file of ``name`` (as ``save_input_image`` returned), or None."""
-    candidate = upload_root() / PurePosixPath(name).name
-    return candidate if candidate.is_file() and not candidate.is_symlink() else None
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return uploads().save(f"{task_id}.png", ContentFile(buffer.getvalue()))
 
 
 def open_input_image(name: str) -> Image.Image:
     """Load a stored input image by the name ``save_input_image`` returned."""
-    with Image.open(upload_root() / PurePosixPath(name).name) as image:
+    with uploads().open(PurePosixPath(name).name, "rb") as handle, Image.open(handle) as image:
         return image.convert("RGB")
+
+
+def stored_input_image(name: str) -> str | None:
+    """``name`` if such a stored input image exists (for the admin's preview), else None."""
+    name = PurePosixPath(name).name
+    return name if name and uploads().exists(name) else None
 
 
 def resolve_input_path(client_path: str) -> Path | None:

@@ -201,9 +201,9 @@ class FileViewSet(viewsets.ViewSet):
         return _stream_video(request, found)
 
 
-def _stream_video(request, path: Path):
-    """A task's MP4, or its JPEG poster; ``Range`` requests get 206."""
-    return file_response(request, path, "image/jpeg" if path.suffix == ".jpg" else "video/mp4")
+def _stream_video(request, name: str):
+    """A task's MP4, or its JPEG poster, from the outputs store; ``Range`` requests get 206."""
+    return file_response(request, storage.outputs(), name, "image/jpeg" if name.endswith(".jpg") else "video/mp4")
 
 
 SERVICE_STATUS = inline_serializer(

@@ -10,8 +10,10 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 from django.conf import settings
@@ -105,24 +107,22 @@ def execute_task(run: worker_process.Run) -> None:
         frames = _generate(run, run_stats)
         _report(run, ENCODE_PROGRESS, "encoding")
         started = time.perf_counter()
-        video_file = storage.video_file_for(task.task_id)
-        encode_mp4(frames, video_file, fps=FPS)
-        write_poster(frames, storage.video_file_for(task.task_id, ".jpg"))
-        run_stats["encode_s"] = round(time.perf_counter() - started, 3)
+        with tempfile.TemporaryDirectory(prefix="lightx2v-") as scratch:
+            video_file, poster_file = Path(scratch) / "video.mp4", Path(scratch) / "poster.jpg"
+            encode_mp4(frames, video_file, fps=FPS)
+            write_poster(frames, poster_file)
+            video_info = video_metadata(video_file)
+            run_stats["encode_s"] = round(time.perf_counter() - started, 3)
+            file_path = storage.publish_output(video_file, task.task_id, ".mp4")
+            poster_path = storage.publish_output(poster_file, task.task_id, ".jpg")
         run_stats["memory_mib"] = memory_in_use_mib()
         finished = _with_database_retry(
             lambda: services.task_finish(
-                task=task,
-                file_path=storage.video_public_path(task.task_id),
-                poster_path=storage.video_public_path(task.task_id, ".jpg"),
-                video_info=video_metadata(video_file),
-                run_stats=run_stats,
+                task=task, file_path=file_path, poster_path=poster_path, video_info=video_info, run_stats=run_stats
             )
         )
         if not finished:
-            # Cancelled (or taken back) while encoding: leave nothing behind.
-            video_file.unlink(missing_ok=True)
-            storage.video_file_for(task.task_id, ".jpg").unlink(missing_ok=True)
+            storage.delete_outputs(task.task_id)  # cancelled (or taken back) while encoding: leave nothing behind
             raise services.TaskNoLongerRunning(str(task.task_id))
         logger.info("task %s succeeded: %s", task.task_id, run_stats)
     except services.TaskNoLongerRunning:

@@ -1,5 +1,8 @@
 """Auth, ownership, listing, cancelling queued tasks, downloads' path rules, health and schema."""
+from pathlib import Path
+
 import pytest
+from django.core.files.base import ContentFile
 
 from tasks_app import storage
 from tasks_app.models import VideoTask
@@ -14,9 +17,8 @@ def task_id(api):
 
 def _finished_video(task_id: str, content: bytes = b"\x00\x00\x00\x18ftypmp42 fake video bytes") -> str:
     """Mark a task succeeded with a video file on disk, as a worker would (the worker path is tested in tests/worker)."""
-    path = storage.video_file_for(task_id)
-    path.write_bytes(content)
     public = storage.video_public_path(task_id)
+    storage.outputs().save(f"videos/{task_id}.mp4", ContentFile(content))
     VideoTask.objects.filter(task_id=task_id).update(status="succeed", progress=1.0, file_path=public)
     return public
 
@@ -105,7 +107,7 @@ def test_result_and_download_stream_the_same_bytes(api, task_id):
 
 def test_download_refuses_a_symlink_even_for_the_owner(api, task_id, tmp_path):
     public = _finished_video(task_id)
-    target = storage.video_file_for(task_id)
+    target = Path(storage.outputs().path(f"videos/{task_id}.mp4"))
     target.unlink()
     secret = tmp_path / "secret.txt"
     secret.write_text("secret")

@@ -17,16 +17,15 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture
-def tasks(api, transactional_db):
+def tasks(api, transactional_db, tmp_path):
     """A failed task and a succeeded one with a real MP4 and poster, as the worker leaves them."""
     failed_id = api.post("/v1/tasks/video", {"prompt": "a failed fox"}, format="json").json()["task_id"]
     done_id = api.post("/v1/tasks/video", {"prompt": "a finished fox"}, format="json").json()["task_id"]
     VideoTask.objects.filter(task_id=failed_id).update(status="failed", message="failed: boom", attempt_count=1)
     frames = np.random.default_rng(0).integers(0, 255, size=(17, 64, 64, 3), dtype=np.uint8)
-    encode_mp4(frames, storage.video_file_for(done_id))
-    VideoTask.objects.filter(task_id=done_id).update(
-        status="succeed", progress=1.0, file_path=storage.video_public_path(done_id)
-    )
+    encode_mp4(frames, tmp_path / "video.mp4")
+    file_path = storage.publish_output(tmp_path / "video.mp4", done_id, ".mp4")
+    VideoTask.objects.filter(task_id=done_id).update(status="succeed", progress=1.0, file_path=file_path)
     return failed_id, done_id
 
 

@@ -39,6 +39,8 @@ def test_t2v_json_and_i2v_multipart_tasks_succeed_and_download_as_mp4(workers, h
         download = http.get(f"/v1/files/download/{final['file_path']}")
         assert result.status_code == download.status_code == 200
         assert result.headers["Content-Type"] == "video/mp4" and result.content == download.content
+        seek = http.get(f"/v1/files/download/{final['file_path']}", headers={"Range": "bytes=0-99"})
+        assert seek.status_code == 206 and seek.content == result.content[:100]
         _assert_video(result.content, tmp_path, width=width, height=height, frames=frames)
     assert VideoTask.objects.get(task_id=i2v_id).task_type == "i2v"
 
