@@ -78,7 +78,9 @@ def encode_mp4(
             codec.color_primaries = ColorPrimaries.BT709
             codec.color_trc = ColorTrc.BT709
             codec.color_range = ColorRange.MPEG
-            stream.options = {"crf": str(crf), "preset": preset}
+            # MB-tree rate control made repeated encodes of the same frames differ on a loaded machine
+            # (seen here 1 in ~3 under CPU contention, even single-threaded); without it they never did.
+            stream.options = {"crf": str(crf), "preset": preset, "x264-params": "mbtree=0"}
             time_base = Fraction(1, fps)
             for index, rgb in enumerate(frames):
                 rgb_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
