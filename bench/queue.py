@@ -1,19 +1,19 @@
 """Queue latency and per-task overhead of the service on CPU with the tiny model, and status throughput.
 
     .venv/bin/python bench/queue.py [--tasks 30] [--status-seconds 10] [--clients 16]
-    .venv/bin/python bench/queue.py --poll 0.02     # what a shorter django-q2 poll would change
+    .venv/bin/python bench/queue.py --poll 0.02     # another django-q2 poll (the backstop of NOTIFY)
 
-Starts a fresh database ``bench_queue``, the tiny model, gunicorn (2 sync processes) and one
+Starts a fresh database ``bench_queue``, the tiny model, gunicorn (3 sync processes) and one
 ``manage.py qcluster`` with one worker process (``LOG_LEVEL=DEBUG``, for the pusher's timestamps),
 then measures against the issue's targets:
 
 (a) submit -> start: from the client receiving the 201 of ``POST /v1/tasks/video`` to the task's
     ``started_at`` (read from its database row, same clock), over ``--tasks`` sequential 64x64x17
     frame, 4-step tasks with one idle worker (the next is submitted only after the previous
-    finished, after a random 0-250 ms pause so submits land at random points of the pusher's poll
-    cycle; two warm-up tasks load the model first and are not counted). The latency is split
+    finished, after a random 0-250 ms pause so submits land at random points of the pusher's
+    wait; two warm-up tasks load the model first and are not counted). The latency is split
     with the row's ``created_at``, the pusher's "queueing from" and the worker's "processing"
-    log lines (millisecond stamps) into: API until the row exists, commit + 201, poll wait until
+    log lines (millisecond stamps) into: API until the row exists, commit + 201, wait until
     the pusher dequeues, pusher -> worker hand-off, and worker start -> claimed.
 (b) overhead: submit (client sends the POST) -> ``finished_at`` of the same tasks against the same
     request run in this process (``inference.pipelines.load_pipeline`` +
@@ -22,7 +22,7 @@ then measures against the issue's targets:
 (c) status: ``GET /v1/tasks/{id}/status`` requests/s from ``--clients`` threads for ``--status-seconds``,
     with the CPU each process used (the machine may be shared; see the "other processes" figure).
 
-The idle CPU of the service (qcluster polling) is printed too, to weigh a shorter ``--poll``.
+The idle CPU of the service (qcluster waiting, heartbeats) is printed too.
 Prints a PASS/FAIL table per target and exits 0; 1 only when something errored (a request that
 failed or a task that did not succeed).
 """
@@ -179,7 +179,7 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", type=int, default=30, help="sequential measured tasks for (a) and (b)")
     parser.add_argument("--status-seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16, help="concurrent status clients for (c)")
-    parser.add_argument("--web-workers", type=int, default=2)
+    parser.add_argument("--web-workers", type=int, default=3, help="gunicorn processes (2 cores + 1 that waits on the database)")
     parser.add_argument("--threads", type=int, default=1, help="gunicorn threads per worker (1 = sync worker)")
     parser.add_argument("--poll", type=float, default=None,
                         help="run qcluster with this django-q2 poll interval (bench._settings); default: settings'")
@@ -275,8 +275,9 @@ def run(service: Service, args) -> int:
                         ("  rest (DB writes..)", rest), ("direct pipeline", direct_ms),
                         ("service CPU / task", service_cpu), ("direct CPU / run", direct_cpu)):  # fmt: skip
         print(f"  {key:<20} {summary(values)}")
-    print(f"  one progress-shaped UPDATE from here: {write_ms:.2f} ms; a task makes {REQUEST['infer_steps'] + 1}"
-          " progress writes (one per step, then 'encoding') plus the claim and the finish")  # fmt: skip
+    writes = statistics.median(s.get("progress_writes", 0) for s in stats)
+    print(f"  one progress-shaped UPDATE from here: {write_ms:.2f} ms; a task made {writes:g} progress writes"
+          " (median; at most one per LIGHTX2V_PROGRESS_INTERVAL_S) besides the claim and the finish")  # fmt: skip
     overhead = overhead_pct(end_to_end, direct_ms)
     print(f"  overhead: medians {overhead:.1f} %, minima {overhead_pct(end_to_end, direct_ms, min):.1f} %, "
           f"CPU medians {overhead_pct(service_cpu, direct_cpu):.1f} % (CPU view: robust to other load)")  # fmt: skip

@@ -97,11 +97,20 @@ TEMPLATES = [
 # PostgreSQL in production and in tests; a SQLite file only for the zero-install local run.
 if not os.environ.get("DATABASE_URL"):
     VAR_DIR.mkdir(parents=True, exist_ok=True)
+# Connections persist for a minute. Without health checks (a SELECT 1 before each request's first
+# query, a quarter of a status poll's database work) the first request on a connection broken by a
+# database restart answers a retryable 503 and the connection is replaced: LIGHTX2V_DB_HEALTH_CHECKS=1
+# trades that for the extra round trip.
 DATABASES = {
     "default": dj_database_url.config(
-        default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}", conn_max_age=60, conn_health_checks=True
+        default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}",
+        conn_max_age=60,
+        conn_health_checks=env_bool("LIGHTX2V_DB_HEALTH_CHECKS", False),
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Lets tasks_app.rows prepare its statements (Django's client-side-bound queries never are).
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # django-q2 keeps cluster statistics (live workers) in the cache: it must be shared between the web
@@ -178,6 +187,10 @@ LIGHTX2V_TASK_TIMEOUT = env_int("LIGHTX2V_TASK_TIMEOUT", 3600)
 # is older than LIGHTX2V_LEASE_S is taken back by any worker's reaper and queued again, at most
 # LIGHTX2V_MAX_ATTEMPTS runs in all, then failed.
 LIGHTX2V_HEARTBEAT_S = env_float("LIGHTX2V_HEARTBEAT_S", 5)
+# A running task's progress is written at most this often (and its statistics with it): what a poller
+# can see, not one write per step. 0 writes every step. Cancelling still stops a run at its next step
+# (PostgreSQL NOTIFY; on other databases at the next progress write).
+LIGHTX2V_PROGRESS_INTERVAL_S = env_float("LIGHTX2V_PROGRESS_INTERVAL_S", 0.5)
 LIGHTX2V_LEASE_S = env_float("LIGHTX2V_LEASE_S", 60)
 LIGHTX2V_MAX_ATTEMPTS = env_int("LIGHTX2V_MAX_ATTEMPTS", 3)
 # SIGTERM lets the running task finish for this long, then hands it back to the queue.
@@ -264,6 +277,8 @@ SPECTACULAR_SETTINGS = {
 Q_CLUSTER = {
     "name": "lightx2v",
     "orm": "default",
+    # The ORM broker, woken by PostgreSQL NOTIFY when a task is queued (the poll below is the backstop).
+    "broker_class": "tasks_app.wakeups.NotifyingORM",
     "workers": LIGHTX2V_WORKERS,
     "queue_limit": 1,
     "bulk": 1,

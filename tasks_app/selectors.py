@@ -1,10 +1,65 @@
 """Reads with logic: queue position, per-status counts, live workers, a user's tasks."""
+import functools
+import time
+import uuid
+
+from django.db import connection
 from django.db.models import Count, QuerySet
 from django_q.status import Stat
 
-from .models import VideoTask
+from . import rows
+from .models import TaskAttempt, VideoTask
 
 Status = VideoTask.Status
+# Inputs of ETAs that change slowly, kept per process for this many seconds: polls do not recount them.
+ESTIMATE_INPUTS_TTL_S = 2.0
+_estimate_inputs: dict[str, tuple[float, object]] = {}
+
+
+def _recently_computed(name: str, compute):
+    """``compute()``, or its value from the last ``ESTIMATE_INPUTS_TTL_S`` seconds in this process."""
+    now = time.monotonic()
+    cached = _estimate_inputs.get(name)
+    if cached is None or now - cached[0] >= ESTIMATE_INPUTS_TTL_S:
+        cached = _estimate_inputs[name] = (now, compute())
+    return cached[1]
+
+
+def forget_estimate_inputs() -> None:
+    """Drop this process's cached ETA inputs (the next estimate recomputes them)."""
+    _estimate_inputs.clear()
+
+
+@functools.cache
+def _owned_task_query() -> tuple[str, list, list]:
+    """The SQL of ``owned_task`` (built once per process) and the fields of its task and attempt columns."""
+    task_fields, attempt_fields = list(VideoTask._meta.concrete_fields), list(TaskAttempt._meta.concrete_fields)
+    tasks, attempts = VideoTask._meta.db_table, TaskAttempt._meta.db_table
+    sql = (
+        f'SELECT {rows.columns(*task_fields, *attempt_fields)} FROM "{tasks}"'
+        f' LEFT JOIN "{attempts}" ON "{attempts}".task_id = "{tasks}".task_id'
+        f' WHERE "{tasks}".task_id = %s AND "{tasks}".owner_id = %s ORDER BY "{attempts}".number'
+    )
+    return sql, task_fields, attempt_fields
+
+
+def owned_task(*, owner, task_id: uuid.UUID) -> VideoTask | None:
+    """``owner``'s task ``task_id``, or None (also for another user's task); its attempts, in order,
+    are in ``loaded_attempts``.
+
+    One plain query (``rows``; the task joined to its attempts, one row per attempt): this is the
+    poll path, where building ORM queries was most of the cost.
+    """
+    sql, task_fields, attempt_fields = _owned_task_query()
+    task_key = VideoTask._meta.pk.get_db_prep_value(task_id, connection)
+    found = rows.converted_rows(sql, [task_key, owner.pk], task_fields + attempt_fields)
+    if not found:
+        return None
+    split = len(task_fields)
+    task = rows.instance(VideoTask, task_fields, found[0][:split])
+    # A task without attempts comes back as one row whose attempt columns (id first) are NULL.
+    task.loaded_attempts = [rows.instance(TaskAttempt, attempt_fields, row[split:]) for row in found if row[split]]
+    return task
 
 
 def tasks_of(*, owner, status: str | None = None) -> QuerySet[VideoTask]:
@@ -44,11 +99,12 @@ def recent_mean_duration_s(*, limit: int = 50) -> float | None:
     return sum(spans) / len(spans) if spans else None
 
 
-def eta_seconds(*, task: VideoTask) -> float | None:
+def eta_seconds(*, task: VideoTask, position: int | None = None) -> float | None:
     """Estimated seconds until ``task`` finishes, from recent step times and durations; None if unknown.
 
     Running: the steps left at this run's own mean step time. Submitted: the tasks ahead of it
-    shared among the live workers, plus itself, at the recent mean task duration.
+    shared among the live workers, plus itself, at the recent mean task duration
+    (``position``: its queue position, when the caller already has it).
     """
     if task.status == Status.RUNNING:
         step_s = task.run_stats.get("step_s")
@@ -57,9 +113,10 @@ def eta_seconds(*, task: VideoTask) -> float | None:
         steps_left = task.infer_steps * task.num_fragments - task.run_stats.get("steps_done", 0)
         return round(max(steps_left, 0) * step_s, 1)
     if task.status == Status.SUBMITTED:
-        mean_duration = recent_mean_duration_s()
+        mean_duration = _recently_computed("mean_duration_s", recent_mean_duration_s)
         if mean_duration is None:
             return None
-        ahead = queue_position(task=task) - 1
-        return round((ahead / max(live_worker_count(), 1) + 1) * mean_duration, 1)
+        ahead = (position or queue_position(task=task)) - 1
+        workers = _recently_computed("live_workers", live_worker_count)
+        return round((ahead / max(workers, 1) + 1) * mean_duration, 1)
     return None

@@ -20,7 +20,7 @@ from django.utils import timezone
 from django_q.tasks import async_task
 from PIL import Image
 
-from . import storage, webhooks
+from . import storage, wakeups, webhooks
 from .errors import (
     IdempotencyKeyReused,
     QueueFull,
@@ -301,6 +301,7 @@ def task_cancel(*, task: VideoTask) -> VideoTask:
         if cancelled:
             _end_attempt(task, TaskAttempt.Outcome.CANCELLED, "cancelled by user")
             webhooks.enqueue(task)
+            wakeups.notify(wakeups.CANCEL_CHANNEL, str(task.pk))  # a worker running it stops at the next step
     if not cancelled:
         raise TaskNotCancellable(f"task is already {task.status}", task=task)
     logger.info("task %s cancelled (was %s)", task.pk, "running" if was_running else "queued")

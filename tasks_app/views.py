@@ -79,7 +79,7 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
             task_id = uuid.UUID(str(self.kwargs["task_id"]))
         except ValueError as exc:
             raise NotFound() from exc
-        task = self.get_queryset().filter(task_id=task_id).first()
+        task = selectors.owned_task(owner=self.request.user, task_id=task_id)
         if task is None:
             raise NotFound()
         return task

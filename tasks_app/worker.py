@@ -118,6 +118,7 @@ def execute_task(run: worker_process.Run) -> None:
             file_path = storage.publish_output(video_file, task.task_id, ".mp4")
             poster_path = storage.publish_output(poster_file, task.task_id, ".jpg")
         run_stats["memory_mib"] = memory_in_use_mib()
+        run_stats["progress_writes"] = run.progress_writes  # besides the claim and this finish
         finished = _with_database_retry(
             lambda: services.task_finish(
                 task=task, file_path=file_path, poster_path=poster_path, video_info=video_info, run_stats=run_stats
@@ -164,17 +165,22 @@ def _with_database_retry(write, *, patience_s: float | None = None):
 
 
 def _report(run: worker_process.Run, progress: float, message: str, run_stats: dict | None = None) -> None:
-    """Record progress, and stop the run when it is no longer ours, overdue on shutdown, or out of time.
+    """Record progress (at most every ``LIGHTX2V_PROGRESS_INTERVAL_S``), and stop the run when it is
+    no longer ours, overdue on shutdown, or out of time.
 
     A failed progress write (database down) is logged and skipped: it never stops a generation.
     """
     if run.lease_lost.is_set():
         raise services.TaskNoLongerRunning(str(run.task.pk))
-    try:
-        services.task_report_progress(task=run.task, progress=progress, message=message, run_stats=run_stats)
-    except DatabaseError as exc:
-        logger.warning("progress of task %s not recorded: %s", run.task.pk, exc)
-        connection.close()
+    now = time.monotonic()
+    if now - run.progress_written_at >= settings.LIGHTX2V_PROGRESS_INTERVAL_S:
+        run.progress_written_at = now
+        run.progress_writes += 1
+        try:
+            services.task_report_progress(task=run.task, progress=progress, message=message, run_stats=run_stats)
+        except DatabaseError as exc:
+            logger.warning("progress of task %s not recorded: %s", run.task.pk, exc)
+            connection.close()
     if worker_process.shutdown_overdue():
         raise HandBack()
     if run.deadline is not None and time.monotonic() > run.deadline:

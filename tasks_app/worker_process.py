@@ -7,7 +7,9 @@ the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``
   marks the run lost when the lease is gone (cancelled, or taken back by a reaper);
 * reaps tasks of other workers whose lease ran out (``services.task_reap_stale``).
 
-A second thread sends due webhook deliveries (``webhooks.send_due``).
+A second thread sends due webhook deliveries (``webhooks.send_due``). On PostgreSQL a third listens
+for cancellations (``wakeups.CANCEL_CHANNEL``) and stops the run at its next step, without waiting
+for the next progress write or heartbeat.
 
 Shutdown (SIGTERM to this process, or its cluster stopping after SIGTERM to ``qcluster``): an idle
 worker exits at once; a running task may go on for ``LIGHTX2V_SHUTDOWN_GRACE_S`` and is then handed
@@ -15,6 +17,7 @@ back to the queue at its next step. Database
 errors in the thread are logged and the connection is reopened on the next beat: a database
 restart never kills a worker.
 """
+import contextlib
 import logging
 import os
 import signal
@@ -26,7 +29,7 @@ from django.db import DatabaseError, close_old_connections, connection
 from django_q.conf import Conf
 from django_q.status import Stat
 
-from . import services, webhooks
+from . import services, wakeups, webhooks
 from .models import VideoTask
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ class Run:
         self.task = task
         self.lease_lost = threading.Event()  # set by the heartbeat thread; the next step stops the run
         self.deadline: float | None = None  # time.monotonic() limit of the generation, once the model is loaded
+        self.progress_written_at = time.monotonic()  # the claim wrote the first progress
+        self.progress_writes = 0
 
 
 _current: Run | None = None
@@ -143,6 +148,36 @@ def start() -> None:
         target=_heartbeat_loop, args=(os.getppid(),), name="lightx2v-heartbeat", daemon=True
     ).start()
     threading.Thread(target=_webhook_loop, name="lightx2v-webhooks", daemon=True).start()
+    if wakeups.supported():
+        threading.Thread(target=_cancel_listener_loop, name="lightx2v-cancel-listener", daemon=True).start()
+
+
+def _cancel_listener_loop() -> None:
+    """Mark the current run lost when its task's cancellation is announced, once the row confirms it.
+
+    The check against the row (the heartbeat's fenced update) keeps a late notification from
+    stopping a later run of the same task.
+    """
+    listener = None
+    while True:
+        try:
+            if listener is None:
+                listener = wakeups.Listener(wakeups.CANCEL_CHANNEL)
+            cancelled = {payload for _, payload in listener.wait(timeout=settings.LIGHTX2V_HEARTBEAT_S)}
+            with _current_lock:
+                run = _current
+            if run is not None and str(run.task.pk) in cancelled:
+                close_old_connections()
+                if not services.task_heartbeat(task=run.task):
+                    run.lease_lost.set()
+        except Exception as exc:  # noqa: BLE001 - the listener must outlive a database restart
+            logger.warning("cancel listener: %s; listening again in %s s", exc, wakeups.RELISTEN_AFTER_S)
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    listener.close()
+            listener = None
+            connection.close()
+            time.sleep(wakeups.RELISTEN_AFTER_S)
 
 
 def _webhook_loop() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKER_APP_NAME = "lightx2v-test-qcluster"
 MODEL_SETTINGS = {"t2v": "LIGHTX2V_MODEL_PATH", "i2v": "LIGHTX2V_I2V_MODEL_PATH"}
 
 
@@ -25,6 +26,13 @@ def tiny_model_dirs():
 
     call_command("build_tiny_model", Path(settings.LIGHTX2V_MODEL_PATH).parent, stdout=io.StringIO())
     return {kind: Path(getattr(settings, setting)) for kind, setting in MODEL_SETTINGS.items()}
+
+
+@pytest.fixture(autouse=True)
+def fresh_estimate_inputs():
+    """ETA inputs are cached per process for seconds (``tasks_app.selectors``): no test sees another's."""
+    if "tasks_app.selectors" in sys.modules:
+        sys.modules["tasks_app.selectors"].forget_estimate_inputs()
 
 
 @pytest.fixture
@@ -96,6 +104,7 @@ class WorkerProcesses:
         env = dict(os.environ)
         env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{self.database_name}"
         env["LIGHTX2V_WORKERS"] = str(workers_each)
+        env["PGAPPNAME"] = WORKER_APP_NAME  # libpq names their sessions, so teardown can wait for them to end
         env["DJANGO_SETTINGS_MODULE"] = "lightx2v_site.settings"  # the environment is already complete
         env.update(extra_env or {})
         for _ in range(count):
@@ -130,7 +139,25 @@ class WorkerProcesses:
                 os.killpg(process.pid, signal.SIGKILL)  # worker processes a dead sentinel left behind
             process.wait()
         self.processes.clear()
+        self._wait_for_their_connections_to_close()
         return killed
+
+    @staticmethod
+    def _wait_for_their_connections_to_close(timeout: float = 10) -> None:
+        """PostgreSQL ends a killed client's session a moment later; until then the test database cannot be dropped."""
+        from django.db import connection
+
+        def others() -> int:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+                    [WORKER_APP_NAME],
+                )
+                return cursor.fetchone()[0]
+
+        deadline = time.monotonic() + timeout
+        while others() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def logs(self) -> str:
         return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}" for _, path in self.processes)

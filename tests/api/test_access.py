@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from django.core.files.base import ContentFile
 
-from tasks_app import storage
+from tasks_app import selectors, storage
 from tasks_app.models import VideoTask
 
 SUBMIT = "/v1/tasks/video"
@@ -178,6 +178,7 @@ def test_status_gives_an_eta_from_recent_tasks(api, task_id):
     VideoTask.objects.filter(task_id=done).update(
         status="succeed", started_at=now - timedelta(seconds=20), finished_at=now
     )
+    selectors.forget_estimate_inputs()  # kept per process for ESTIMATE_INPUTS_TTL_S; this test does not wait
     assert api.get(f"/v1/tasks/{task_id}/status").json()["eta_s"] == 20.0  # next in line, 20 s per task
 
     VideoTask.objects.filter(task_id=task_id).update(status="running", run_stats={"step_s": 1.5, "steps_done": 1})

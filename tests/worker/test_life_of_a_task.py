@@ -1,4 +1,6 @@
 """A task's whole life through real parts: HTTP, PostgreSQL, qcluster worker processes, the tiny Wan model, MP4s."""
+import time
+
 import pytest
 
 from inference.encode import probe_mp4
@@ -83,7 +85,7 @@ def test_a_queued_task_cancelled_before_it_runs_never_runs(workers, http):
 
 
 def test_a_running_task_cancelled_mid_way_stops_within_one_step_and_stays_cancelled(workers, http, settings):
-    workers.start()
+    workers.start(extra_env={"LIGHTX2V_PROGRESS_INTERVAL_S": "0"})  # every step written: progress tells steps done
     task_id = submit(http, {"prompt": "long", "height": 128, "width": 128, "video_duration": 3, "infer_steps": 50})
     wait_for(
         lambda: http.get(f"/v1/tasks/{task_id}/status").json()["progress"] >= 0.9 * 3 / 50,
@@ -105,6 +107,33 @@ def test_a_running_task_cancelled_mid_way_stops_within_one_step_and_stays_cancel
     task = VideoTask.objects.get(task_id=task_id)
     assert task.status == "cancelled" and task.file_path == ""
     assert not (settings.LIGHTX2V_OUTPUT_ROOT / "videos" / f"{task_id}.mp4").exists()
+
+
+def test_a_cancel_reaches_the_worker_at_once_though_it_writes_no_progress(workers, http):
+    # No progress write and no heartbeat during the run: only the cancel notification can stop it soon.
+    workers.start(extra_env={"LIGHTX2V_PROGRESS_INTERVAL_S": "3600", "LIGHTX2V_HEARTBEAT_S": "30"})
+    task_id = submit(http, {"prompt": "long", "height": 128, "width": 128, "video_duration": 3, "infer_steps": 50})
+    wait_for(lambda: http.get(f"/v1/tasks/{task_id}/status").json()["status"] == "running", timeout=60,
+             what="the run to start", interval=0.01)  # fmt: skip
+    time.sleep(0.3)
+    polled = http.get(f"/v1/tasks/{task_id}/status").json()
+    assert polled["status"] == "running" and polled["progress"] == 0.0  # throttled: nothing written yet
+
+    cancelled_at = time.monotonic()
+    assert http.delete(f"/v1/tasks/{task_id}").json()["status"] == "cancelled"
+    stopped = wait_for(
+        lambda: VideoTask.objects.get(task_id=task_id).run_stats.get("last_step"), timeout=60, what="worker to stop"
+    )
+    assert time.monotonic() - cancelled_at < 5  # the heartbeat would have taken up to 30 s
+    assert 1 <= stopped < 50
+
+
+def test_progress_is_written_at_most_once_per_interval(workers, http):
+    workers.start(extra_env={"LIGHTX2V_PROGRESS_INTERVAL_S": "3600"})
+    final, _ = http.poll_until_finished(submit(http, {"prompt": "quiet", **SMALL, "infer_steps": 8}))
+
+    assert final["status"] == "succeed" and final["progress"] == 1.0
+    assert final["run_stats"]["steps_done"] == 8 and final["run_stats"]["progress_writes"] == 0
 
 
 def test_two_worker_processes_run_each_of_ten_tasks_exactly_once(workers, http):

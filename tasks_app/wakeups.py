@@ -1,0 +1,111 @@
+"""Wake-ups over PostgreSQL LISTEN/NOTIFY, so workers act at once instead of at their next poll.
+
+* ``QUEUE_CHANNEL``: a django-q2 message was queued (a task submitted, retried, handed back or
+  reaped). ``NotifyingORM`` sends it and, in each qcluster's pusher, waits for it rather than
+  sleeping through a poll interval: a submit reaches an idle worker in milliseconds.
+* ``CANCEL_CHANNEL``, payload the task id: a running task was cancelled. Each worker process's
+  listener thread (``worker_process``) stops its run at the next denoising step, whatever the
+  progress-write interval.
+
+Notifications are sent in the transaction of the change, so PostgreSQL delivers them only once the
+change is visible, and never for a change that rolled back. On other databases nothing is sent
+and the polls (django-q2's ``poll``, the progress writes, the heartbeat) remain the only path;
+they stay in place on PostgreSQL too, as the backstop for a notification a listener missed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from django.db import connection, connections
+from django_q.brokers.orm import ORM
+
+logger = logging.getLogger(__name__)
+
+QUEUE_CHANNEL = "lightx2v_queue"
+CANCEL_CHANNEL = "lightx2v_cancel"
+# Longest wait for a queue notification before looking at the queue anyway.
+QUEUE_WAIT_S = 1.0
+# After a listener connection failed, how long to poll before trying to listen again.
+RELISTEN_AFTER_S = 5.0
+
+
+def supported() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def notify(channel: str, payload: str = "") -> None:
+    """Send ``payload`` on ``channel`` with the current transaction (at once in autocommit)."""
+    if supported():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", [channel, payload])
+
+
+class Listener:
+    """Its own autocommit connection to the default database, LISTENing on ``channels``."""
+
+    def __init__(self, *channels: str):
+        import psycopg  # the PostgreSQL driver; only imported where it is the backend
+
+        params = connections["default"].get_connection_params()
+        for django_only in ("cursor_factory", "context", "prepare_threshold"):
+            params.pop(django_only, None)
+        self._connection = psycopg.connect(**params, autocommit=True)
+        for channel in channels:
+            self._connection.execute(f'LISTEN "{channel}"')
+
+    def wait(self, timeout: float) -> list[tuple[str, str]]:
+        """``(channel, payload)`` of what arrived, waiting up to ``timeout`` s for the first one."""
+        received = [(n.channel, n.payload) for n in self._connection.notifies(timeout=timeout, stop_after=1)]
+        if received:  # take whatever else is already there, without waiting
+            received += [(n.channel, n.payload) for n in self._connection.notifies(timeout=0.0)]
+        return received
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+class NotifyingORM(ORM):
+    """django-q2's ORM broker that sends ``QUEUE_CHANNEL`` on enqueue and, with an empty queue,
+    waits for it (up to ``QUEUE_WAIT_S``) instead of sleeping through the poll interval.
+
+    Set as ``Q_CLUSTER["broker_class"]``. On other databases, or while the listener connection is
+    down, it is the plain ORM broker.
+    """
+
+    _listener: Listener | None = None
+    _listen_again_at = 0.0
+
+    def enqueue(self, task):
+        message_id = super().enqueue(task)
+        notify(QUEUE_CHANNEL)
+        return message_id
+
+    def dequeue(self):
+        listener = self._queue_listener()
+        if listener is not None:
+            try:
+                listener.wait(timeout=0.0)  # what was announced so far is in the queue already
+                if not self.queue_size():
+                    listener.wait(timeout=QUEUE_WAIT_S)
+            except Exception as exc:  # noqa: BLE001 - a broken listener only means polling for a while
+                logger.warning("queue listener failed (%s); polling for %s s", exc, RELISTEN_AFTER_S)
+                self._drop_listener()
+        return super().dequeue()
+
+    def _queue_listener(self) -> Listener | None:
+        if self._listener is None and supported() and time.monotonic() >= self._listen_again_at:
+            try:
+                self._listener = Listener(QUEUE_CHANNEL)
+            except Exception as exc:  # noqa: BLE001 - the database may be restarting
+                logger.warning("cannot listen for queued tasks (%s); polling for %s s", exc, RELISTEN_AFTER_S)
+                self._drop_listener()
+        return self._listener
+
+    def _drop_listener(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):  # it is being discarded
+                self._listener.close()
+            self._listener = None
+        self._listen_again_at = time.monotonic() + RELISTEN_AFTER_S
