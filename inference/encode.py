@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import tempfile
+from collections.abc import Iterator
 from fractions import Fraction
 
 import av
@@ -35,6 +36,24 @@ _TO_YUV = dict(
 FILE_MODE = 0o644
 
 
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temp file name beside ``path`` (parents created); on success it becomes ``path``
+    with mode 0644 in one rename, on any exception it is removed. ``path`` never holds a partial file."""
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp_name
+        os.chmod(tmp_name, FILE_MODE)
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
 def encode_mp4(
     frames: np.ndarray,
     path: str | os.PathLike,
@@ -59,11 +78,7 @@ def encode_mp4(
     if height % 2 or width % 2:
         raise ValueError(f"yuv420p needs even width and height, got {width}x{height}")
 
-    target = pathlib.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp_name:
         # format= is explicit because the temp name has no .mp4 suffix; +bitexact keeps the
         # muxer from writing version strings or times that would break byte-identity.
         with av.open(
@@ -92,13 +107,7 @@ def encode_mp4(
                 frame.time_base = time_base
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))  # flush delayed (B-)frames
-        os.chmod(tmp_name, FILE_MODE)
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    logger.debug("encoded %d frames %dx%d to %s", len(frames), width, height, target)
+    logger.debug("encoded %d frames %dx%d to %s", len(frames), width, height, path)
 
 
 def probe_mp4(path: str | os.PathLike) -> dict:
@@ -150,18 +159,8 @@ def write_poster(
         raise IndexError(f"poster frame {chosen} out of range for {count} frames")
     chosen %= count
 
-    target = pathlib.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(np.ascontiguousarray(frames[chosen])).save(handle, format="JPEG", quality=quality)
-        os.chmod(tmp_name, FILE_MODE)
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    with atomic_output(path) as tmp_name, open(tmp_name, "wb") as handle:
+        Image.fromarray(np.ascontiguousarray(frames[chosen])).save(handle, format="JPEG", quality=quality)
     return chosen
 
 

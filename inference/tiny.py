@@ -7,7 +7,6 @@ and by local development without GPUs or downloaded weights.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pathlib
@@ -215,19 +214,12 @@ def build_tiny_lora(
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(inner_dim, rank, generator=generator) * (
                 scale / rank**0.5)
 
+    from .encode import atomic_output
+
     target_path = pathlib.Path(out_path).resolve()
-    target_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target_path.name}.", suffix=".part", dir=target_path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(target_path) as tmp_name:
         save_file(tensors, tmp_name, metadata={"built_by": "inference.tiny.build_tiny_lora",
                                                "seed": json.dumps(seed), "rank": json.dumps(rank)})
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
     return target_path
 
 
