@@ -41,7 +41,7 @@ class Run:
 
     def __init__(self, task: VideoTask):
         self.task = task
-        self.lease_lost = threading.Event()  # set by the heartbeat thread; the next step stops the run
+        self.lease_lost = threading.Event()  # set by the heartbeat or cancel listener; the next step stops the run
         self.deadline: float | None = None  # time.monotonic() limit of the generation, once the model is loaded
         self.progress_written_at = time.monotonic()  # the claim wrote the first progress
         self.progress_writes = 0
