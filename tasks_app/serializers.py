@@ -12,8 +12,7 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-RESIZE_MODES = ("adaptive", "fixed_shape")
-
+from inference.images import RESIZE_MODES as INFERENCE_RESIZE_MODES
 from inference.images import fit_size
 from inference.lora import MAX_LORA_STRENGTH, list_loras
 from inference.sampling import default_shift
@@ -22,6 +21,8 @@ from . import images, selectors, storage, webhooks
 from .models import TaskAttempt, VideoTask
 from .services import MAX_SEED
 
+# The API offers inference's fitting rules except "stretch" (which distorts the image).
+RESIZE_MODES = tuple(mode for mode in INFERENCE_RESIZE_MODES if mode != "stretch")
 PROMPT_MAX_CHARS = 2000
 SIZE_STEP = 16
 SIZE_MIN, SIZE_MAX = 16, 1280

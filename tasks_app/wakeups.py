@@ -63,7 +63,9 @@ class Listener:
         return received
 
     def close(self) -> None:
-        self._connection.close()
+        """Close the connection; never raises (a listener is closed when it is being given up)."""
+        with contextlib.suppress(Exception):
+            self._connection.close()
 
 
 class NotifyingORM(ORM):
@@ -105,7 +107,6 @@ class NotifyingORM(ORM):
 
     def _drop_listener(self) -> None:
         if self._listener is not None:
-            with contextlib.suppress(Exception):  # it is being discarded
-                self._listener.close()
+            self._listener.close()
             self._listener = None
         self._listen_again_at = time.monotonic() + RELISTEN_AFTER_S

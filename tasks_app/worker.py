@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 DENOISE_SHARE = 0.9  # progress given to denoising; decode and encode take the rest
 ENCODE_PROGRESS = 0.95
 WARM_UP_SIZE = (480, 832)  # the API's default height and width
+MODEL_PATH_SETTINGS = {"t2v": "LIGHTX2V_MODEL_PATH", "i2v": "LIGHTX2V_I2V_MODEL_PATH"}
 
 
 class TaskTimedOut(Exception):
@@ -66,8 +67,8 @@ def warm_up_pipelines() -> None:
         mode = "full" if resolve_device(settings.LIGHTX2V_DEVICE)[0].type == "cuda" else "load"
     if mode == "off":
         return
-    for kind in ("t2v", "i2v"):
-        if not (settings.LIGHTX2V_MODEL_PATH if kind == "t2v" else settings.LIGHTX2V_I2V_MODEL_PATH):
+    for kind, setting in MODEL_PATH_SETTINGS.items():
+        if not getattr(settings, setting):
             continue
         started = time.perf_counter()
         try:
@@ -274,10 +275,9 @@ def memory_in_use_mib() -> dict[str, float]:
 
 
 def _model_path(kind: str) -> str:
-    model_path = settings.LIGHTX2V_MODEL_PATH if kind == "t2v" else settings.LIGHTX2V_I2V_MODEL_PATH
+    model_path = getattr(settings, MODEL_PATH_SETTINGS[kind])
     if not model_path:
-        setting = "LIGHTX2V_MODEL_PATH" if kind == "t2v" else "LIGHTX2V_I2V_MODEL_PATH"
-        raise RuntimeError(f"no {kind} model configured ({setting} is empty)")
+        raise RuntimeError(f"no {kind} model configured ({MODEL_PATH_SETTINGS[kind]} is empty)")
     return model_path
 
 

@@ -17,7 +17,6 @@ back to the queue at its next step. Database
 errors in the thread are logged and the connection is reopened on the next beat: a database
 restart never kills a worker.
 """
-import contextlib
 import logging
 import os
 import signal
@@ -173,8 +172,7 @@ def _cancel_listener_loop() -> None:
         except Exception as exc:  # noqa: BLE001 - the listener must outlive a database restart
             logger.warning("cancel listener: %s; listening again in %s s", exc, wakeups.RELISTEN_AFTER_S)
             if listener is not None:
-                with contextlib.suppress(Exception):
-                    listener.close()
+                listener.close()
             listener = None
             connection.close()
             time.sleep(wakeups.RELISTEN_AFTER_S)
