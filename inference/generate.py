@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -113,6 +114,7 @@ def generate_frames(
     on_step: Callable[[int, int], None] | None = None,
     *,
     lora_dir: str | os.PathLike | None = None,
+    on_frames: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Generate ``request`` with ``pipe``; return frames as uint8 ``(num_frames, h, w, 3)``.
 
@@ -131,6 +133,11 @@ def generate_frames(
     request's LoRA (read from ``lora_dir``; :class:`inference.lora.LoraError` when it is
     missing or bad) and scheduler/shift for its duration only: afterwards ``pipe`` has its
     own scheduler back and no adapter active, whatever the request chose.
+
+    ``on_frames(chunk)`` receives, in order and in one or more uint8 chunks, exactly the frames
+    returned: each chunk as soon as the VAE has decoded it (one latent frame: 1 frame, then 4),
+    so that encoding can overlap decoding; with tiled decoding, all of them after the decode.
+    What it raises stops the run like ``on_step``.
     """
     from diffusers import WanImageToVideoPipeline
 
@@ -152,8 +159,10 @@ def generate_frames(
     with pipe_lock(pipe), lora_applied(pipe, lora_dir, request.lora_name, request.lora_strength), \
             scheduler_applied(pipe, request.scheduler, request.sample_shift):
         kwargs = _pipeline_kwargs(pipe, request, on_step)
+        streamed: list[np.ndarray] = []
         try:
-            output = pipe(**kwargs)
+            with _decoded_chunks(pipe, (kwargs["height"], kwargs["width"]), on_frames, streamed):
+                output = pipe(**kwargs)
         except BaseException as exc:
             try:
                 # The pipeline frees hooks (and resets cache state) itself on success only.
@@ -166,7 +175,52 @@ def generate_frames(
     expected = (request.num_frames, kwargs["height"], kwargs["width"], 3)
     if frames.shape != expected:
         raise RuntimeError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
+    if on_frames is not None:
+        _check_streamed(streamed, frames, on_frames)
     return frames
+
+
+@contextlib.contextmanager
+def _decoded_chunks(pipe, size: tuple[int, int], on_frames, streamed: list[np.ndarray]):
+    """While active, each chunk ``pipe.vae.decoder`` returns goes through the pipeline's own
+    post-processing (the VAE's clamp, ``postprocess_video``) to ``on_frames`` as uint8, and onto
+    ``streamed``. Tiles of a tiled decode (smaller than ``size``) and patchified outputs are not
+    whole frames and are left alone."""
+    import torch
+
+    vae = pipe.vae
+    if on_frames is None or getattr(vae.config, "patch_size", None) is not None:
+        yield
+        return
+
+    def hand_on(module, args, output) -> None:
+        if tuple(output.shape[-2:]) != size:
+            return
+        with torch.no_grad():
+            pixels = pipe.video_processor.postprocess_video(torch.clamp(output, min=-1.0, max=1.0), output_type="np")
+        chunk = frames_to_uint8(np.asarray(pixels[0]))
+        streamed.append(chunk)
+        on_frames(chunk)
+
+    handle = vae.decoder.register_forward_hook(hand_on)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _check_streamed(streamed: list[np.ndarray], frames: np.ndarray, on_frames) -> None:
+    """Hand on whatever the decode did not stream; fail loudly if what it streamed is not ``frames``."""
+    if not streamed:
+        on_frames(frames)  # a tiled decode: every frame at once
+        return
+    start = 0
+    for chunk in streamed:
+        if not np.array_equal(chunk, frames[start : start + len(chunk)]):
+            raise RuntimeError(f"streamed frames {start}..{start + len(chunk) - 1} differ from the decoded video")
+        start += len(chunk)
+    if start != len(frames):
+        raise RuntimeError(f"{start} frames streamed, the decoded video has {len(frames)}")
 
 
 def _pipeline_kwargs(pipe, request: GenerationRequest, on_step: Callable[[int, int], None] | None) -> dict:

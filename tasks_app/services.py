@@ -14,7 +14,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from django.db.models import F, Value
+from django.db.models import Count, F, Q, Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
 from django_q.tasks import async_task
@@ -108,13 +108,16 @@ def _replay(*, owner, key: str, request_fingerprint: str) -> VideoTask | None:
 
 
 def _check_limits(*, owner) -> None:
-    unfinished = VideoTask.objects.filter(owner=owner, status__in=[Status.SUBMITTED, Status.RUNNING]).count()
-    if unfinished >= settings.LIGHTX2V_MAX_UNFINISHED_PER_USER:
+    counts = VideoTask.objects.filter(status__in=[Status.SUBMITTED, Status.RUNNING]).aggregate(
+        unfinished=Count("pk", filter=Q(owner=owner)), queued=Count("pk", filter=Q(status=Status.SUBMITTED))
+    )
+    limit = settings.LIGHTX2V_MAX_UNFINISHED_PER_USER
+    if counts["unfinished"] >= limit:
         raise TooManyUnfinishedTasks(
-            f"you have {unfinished} unfinished tasks; the limit is {settings.LIGHTX2V_MAX_UNFINISHED_PER_USER}",
+            f"you have {counts['unfinished']} unfinished tasks; the limit is {limit}",
             retry_after_s=settings.LIGHTX2V_RETRY_AFTER_S,
         )
-    if VideoTask.objects.filter(status=Status.SUBMITTED).count() >= settings.LIGHTX2V_MAX_QUEUED:
+    if counts["queued"] >= settings.LIGHTX2V_MAX_QUEUED:
         raise QueueFull(
             f"the queue is full ({settings.LIGHTX2V_MAX_QUEUED} tasks waiting); try again later",
             retry_after_s=settings.LIGHTX2V_RETRY_AFTER_S,
@@ -132,27 +135,27 @@ def task_claim_next(*, worker_name: str) -> VideoTask | None:
     """
     while True:
         with transaction.atomic():
-            candidate = (
+            task = (
                 VideoTask.objects.select_for_update(skip_locked=True)
                 .filter(status=Status.SUBMITTED)
                 .order_by("queued_at")
-                .values_list("pk", flat=True)
                 .first()
             )
-            if candidate is None:
+            if task is None:
                 return None
             now = timezone.now()
-            claimed = VideoTask.objects.filter(pk=candidate, status=Status.SUBMITTED).update(
+            claim = dict(
                 status=Status.RUNNING,
                 started_at=now,
                 heartbeat_at=now,
-                attempt_count=F("attempt_count") + 1,
+                attempt_count=task.attempt_count + 1,  # the row is locked: nobody changed it since the read
                 worker_name=worker_name,
                 progress=0.0,
                 message="loading model",
             )
-            if claimed:
-                task = VideoTask.objects.get(pk=candidate)
+            if VideoTask.objects.filter(pk=task.pk, status=Status.SUBMITTED).update(**claim):
+                for name, value in claim.items():
+                    setattr(task, name, value)
                 TaskAttempt.objects.create(
                     task=task, number=task.attempt_count, worker_name=worker_name, started_at=now
                 )
@@ -166,9 +169,13 @@ def _this_run(task: VideoTask):
     )
 
 
-def _notify(task_pk) -> None:
-    """Queue the webhook of a task that just reached a terminal state (same transaction)."""
-    webhooks.enqueue(VideoTask.objects.get(pk=task_pk))
+def _notify(task: VideoTask) -> None:
+    """Queue the webhook of a task that just reached a terminal state (same transaction).
+
+    ``callback_url`` is fixed at submit, so ``task`` as claimed tells whether there is one to call.
+    """
+    if task.callback_url:
+        webhooks.enqueue(VideoTask.objects.get(pk=task.pk))
 
 
 def _end_attempt(task: VideoTask, outcome: str, error: str = "") -> None:
@@ -215,7 +222,7 @@ def task_finish(
         )
         if finished:
             _end_attempt(task, TaskAttempt.Outcome.SUCCEED)
-            _notify(task.pk)
+            _notify(task)
     return bool(finished)
 
 
@@ -234,7 +241,7 @@ def task_fail(
         )
         if failed:
             _end_attempt(task, TaskAttempt.Outcome.TIMED_OUT if timed_out else TaskAttempt.Outcome.FAILED, error)
-            _notify(task.pk)
+            _notify(task)
     return bool(failed)
 
 

@@ -91,6 +91,10 @@ class NotifyingORM(ORM):
                 listener.wait(timeout=0.0)  # what was announced so far is in the queue already
                 if not self.queue_size():
                     listener.wait(timeout=QUEUE_WAIT_S)
+                    if not self.queue_size():
+                        # Nothing yet: the pusher asks again at once. The ORM broker would first
+                        # sleep its poll interval, and a notification arriving then would wait for it.
+                        return None
             except Exception as exc:  # noqa: BLE001 - a broken listener only means polling for a while
                 logger.warning("queue listener failed (%s); polling for %s s", exc, RELISTEN_AFTER_S)
                 self._drop_listener()

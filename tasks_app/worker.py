@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django_q.exceptions import TimeoutException
 
-from inference.encode import encode_mp4, video_metadata, write_poster
+from inference.encode import BackgroundMp4Writer, video_metadata, write_poster
 from inference.generate import (
     FPS,
     GenerationRequest,
@@ -107,15 +107,17 @@ def execute_task(run: worker_process.Run) -> None:
     task = run.task
     run_stats: dict = {"worker": task.worker_name, "attempt": task.attempt_count}
     try:
-        frames = _generate(run, run_stats)
-        _report(run, ENCODE_PROGRESS, "encoding")
-        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="lightx2v-") as scratch:
             video_file, poster_file = Path(scratch) / "video.mp4", Path(scratch) / "poster.jpg"
-            encode_mp4(frames, video_file, fps=FPS)
+            # The MP4 is encoded on its own thread while the VAE decodes the next frames.
+            with BackgroundMp4Writer(video_file, fps=FPS) as video:
+                frames = _generate(run, run_stats, on_frames=video.write)
+                _report(run, ENCODE_PROGRESS, "encoding")
+                started = time.perf_counter()
+                video.close()
             write_poster(frames, poster_file)
             video_info = video_metadata(video_file)
-            run_stats["encode_s"] = round(time.perf_counter() - started, 3)
+            run_stats["encode_s"] = round(time.perf_counter() - started, 3)  # what encoding adds after the decode
             file_path = storage.publish_output(video_file, task.task_id, ".mp4")
             poster_path = storage.publish_output(poster_file, task.task_id, ".jpg")
         run_stats["memory_mib"] = memory_in_use_mib()
@@ -125,6 +127,7 @@ def execute_task(run: worker_process.Run) -> None:
                 task=task, file_path=file_path, poster_path=poster_path, video_info=video_info, run_stats=run_stats
             )
         )
+        release_free_heap()  # once the client can see the result: the trim takes milliseconds
         if not finished:
             storage.delete_outputs(task.task_id)  # cancelled (or taken back) while encoding: leave nothing behind
             raise services.TaskNoLongerRunning(str(task.task_id))
@@ -188,8 +191,10 @@ def _report(run: worker_process.Run, progress: float, message: str, run_stats: d
         raise TaskTimedOut()
 
 
-def _generate(run: worker_process.Run, run_stats: dict) -> np.ndarray:
+def _generate(run: worker_process.Run, run_stats: dict, on_frames) -> np.ndarray:
     """Denoise and decode every fragment; later fragments continue from the previous last frame.
+
+    Returns the joined video; ``on_frames`` receives the same frames in chunks as they are decoded.
 
     ``run_stats["fragments"]`` gets, per fragment, the SHA-256 of its conditioning image and of its
     last frame, so the seams can be checked from outside.
@@ -206,7 +211,11 @@ def _generate(run: worker_process.Run, run_stats: dict) -> np.ndarray:
         calls_before = transformer_calls(pipe)
         started = time.perf_counter()
         frames = generate_frames(
-            pipe, request, on_step=_progress_reporter(run, index, run_stats), lora_dir=settings.LIGHTX2V_LORA_DIR
+            pipe,
+            request,
+            on_step=_progress_reporter(run, index, run_stats),
+            lora_dir=settings.LIGHTX2V_LORA_DIR,
+            on_frames=on_frames if index == 0 else _without_seam_frame(on_frames),
         )
         run_stats["denoise_decode_s"] = round(run_stats.get("denoise_decode_s", 0) + time.perf_counter() - started, 3)
         run_stats["fragments"].append(
@@ -220,6 +229,19 @@ def _generate(run: worker_process.Run, run_stats: dict) -> np.ndarray:
         joined.append(frames if index == 0 else frames[1:])
         request = continuation_request(request, frames)
     return np.concatenate(joined, axis=0)
+
+
+def _without_seam_frame(on_frames):
+    """``on_frames`` for a continuation: its first frame repeats the seam frame, already handed on."""
+    seen = [0]
+
+    def hand_on(chunk: np.ndarray) -> None:
+        skip = 1 if seen[0] == 0 else 0
+        seen[0] += len(chunk)
+        if len(chunk) > skip:
+            on_frames(chunk[skip:])
+
+    return hand_on
 
 
 def _first_request(task) -> GenerationRequest:
@@ -262,16 +284,24 @@ def transformer_calls(pipe) -> int:
 
 
 def memory_in_use_mib() -> dict[str, float]:
-    """Resident memory of this process and, on CUDA, memory held by tensors: to show nothing leaks."""
+    """Resident memory of this process and, on CUDA, memory held by tensors: to show nothing leaks.
+
+    Read at the end of a run, before :func:`release_free_heap`: the figure includes heap the run
+    freed but the allocator still holds (the same every run in a steady state; it grows with a leak).
+    """
     page_size = os.sysconf("SC_PAGE_SIZE")
-    with contextlib.suppress(OSError, AttributeError):
-        # Hand freed heap back to the OS first, so the figure shows what is held, not allocator slack.
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as statm:
         usage = {"rss": round(int(statm.read().split()[1]) * page_size / 2**20, 1)}
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         usage["cuda_allocated"] = round(sys.modules["torch"].cuda.memory_allocated() / 2**20, 1)
     return usage
+
+
+def release_free_heap() -> None:
+    """Hand heap that the run freed back to the OS (glibc ``malloc_trim``), so an idle worker holds
+    only what it keeps: the pipelines and caches."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _model_path(kind: str) -> str:

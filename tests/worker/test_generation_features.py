@@ -1,8 +1,11 @@
 """Generation features end to end through the queue: long video, LoRA, guidance, posters and metadata."""
+import numpy as np
 import pytest
 
-from inference.encode import probe_mp4
+from inference.encode import encode_mp4, probe_mp4
+from inference.generate import continuation_request, generate_frames
 from tasks_app.models import VideoTask
+from tasks_app.worker import _first_request, load_configured_pipeline
 from tests.worker.conftest import submit
 
 pytestmark = pytest.mark.worker
@@ -31,6 +34,16 @@ def test_three_fragments_make_one_video_with_continuous_seams(workers, http, tmp
     for previous, current in zip(fragments, fragments[1:]):
         assert current["input_sha256"] == previous["last_frame_sha256"]  # conditioned on exactly the seam
     assert seen == sorted(seen)
+
+    # The worker encoded while decoding, fragment by fragment: the same bytes as encoding the joined
+    # fragments afterwards (each continuation's first frame repeats the seam, so it is dropped).
+    request, joined = _first_request(VideoTask.objects.get(task_id=task_id)), []
+    for index in range(3):
+        frames = generate_frames(load_configured_pipeline(request.kind), request)
+        joined.append(frames if index == 0 else frames[1:])
+        request = continuation_request(request, frames)
+    encode_mp4(np.concatenate(joined), tmp_path / "afterwards.mp4", fps=16)
+    assert video.read_bytes() == (tmp_path / "afterwards.mp4").read_bytes()
 
 
 def test_loras_change_the_video_and_leave_the_base_weights_untouched(workers, http):

@@ -112,7 +112,8 @@ def test_a_running_task_cancelled_mid_way_stops_within_one_step_and_stays_cancel
 def test_a_cancel_reaches_the_worker_at_once_though_it_writes_no_progress(workers, http):
     # No progress write and no heartbeat during the run: only the cancel notification can stop it soon.
     workers.start(extra_env={"LIGHTX2V_PROGRESS_INTERVAL_S": "3600", "LIGHTX2V_HEARTBEAT_S": "30"})
-    task_id = submit(http, {"prompt": "long", "height": 128, "width": 128, "video_duration": 3, "infer_steps": 50})
+    # ~40 ms a step here (128x128 was ~6 ms: all 50 steps could end before the cancel was sent).
+    task_id = submit(http, {"prompt": "long", "height": 256, "width": 256, "video_duration": 3, "infer_steps": 50})
     wait_for(lambda: http.get(f"/v1/tasks/{task_id}/status").json()["status"] == "running", timeout=60,
              what="the run to start", interval=0.01)  # fmt: skip
     time.sleep(0.3)
