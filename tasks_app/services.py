@@ -17,6 +17,8 @@ from django.db import transaction
 from django.db.models import Count, F, Q, Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
+from django_q.brokers import get_broker
+from django_q.models import OrmQ
 from django_q.tasks import async_task
 from PIL import Image
 
@@ -292,6 +294,24 @@ def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
             logger.warning("task %s reaped: %s", task.pk, task.message)
             reaped.append(task)
     return reaped
+
+
+def task_wake_stranded(*, waiting_s: float) -> bool:
+    """Queue a wake-up when a submitted task has waited over ``waiting_s`` and the broker holds no
+    message at all, queued or on its way to a worker; True if it did.
+
+    That happens when a worker's claim failed (a database error) after its message was taken.
+    A message on its way (taken by a pusher, its worker still busy or warming up) will run a claim,
+    so it counts: an extra one would only sit in that cluster's queue.
+    """
+    if OrmQ.objects.filter(key=get_broker().list_key).exists():
+        return False
+    cutoff = timezone.now() - timedelta(seconds=waiting_s)
+    if not VideoTask.objects.filter(status=Status.SUBMITTED, queued_at__lt=cutoff).exists():
+        return False
+    logger.warning("a task has waited over %g s with no queued message; waking the workers", waiting_s)
+    _wake_workers()
+    return True
 
 
 def task_cancel(*, task: VideoTask) -> VideoTask:

@@ -98,6 +98,7 @@ def run_next_task() -> str | None:
         execute_task(run)
     finally:
         worker_process.end()
+        release_free_heap()  # after the outcome is recorded: the trim takes milliseconds
         worker_process.exit_if_shutting_down()
     return str(task.task_id)
 
@@ -127,7 +128,6 @@ def execute_task(run: worker_process.Run) -> None:
                 task=task, file_path=file_path, poster_path=poster_path, video_info=video_info, run_stats=run_stats
             )
         )
-        release_free_heap()  # once the client can see the result: the trim takes milliseconds
         if not finished:
             storage.delete_outputs(task.task_id)  # cancelled (or taken back) while encoding: leave nothing behind
             raise services.TaskNoLongerRunning(str(task.task_id))

@@ -5,7 +5,9 @@ the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``
 
 * extends the lease of the task this process is running (``services.task_heartbeat``), and
   marks the run lost when the lease is gone (cancelled, or taken back by a reaper);
-* reaps tasks of other workers whose lease ran out (``services.task_reap_stale``).
+* reaps tasks of other workers whose lease ran out (``services.task_reap_stale``);
+* while idle, queues a wake-up for a task left waiting without a queue message
+  (``services.task_wake_stranded``).
 
 A second thread sends due webhook deliveries (``webhooks.send_due``). On PostgreSQL a third listens
 for cancellations (``wakeups.CANCEL_CHANNEL``) and stops the run at its next step, without waiting
@@ -96,6 +98,8 @@ def _beat() -> None:
     if run is not None and not run.lease_lost.is_set() and not services.task_heartbeat(task=run.task):
         run.lease_lost.set()
     services.task_reap_stale(lease_s=settings.LIGHTX2V_LEASE_S, max_attempts=settings.LIGHTX2V_MAX_ATTEMPTS)
+    if run is None and not shutting_down():  # idle: a task still waiting after a beat lost its message
+        services.task_wake_stranded(waiting_s=settings.LIGHTX2V_HEARTBEAT_S)
 
 
 def _cluster_is_stopping(sentinel_pid: int) -> bool:

@@ -63,7 +63,7 @@ def test_generate_t2v_and_i2v_then_status_download_and_ctrl_c_cancels(workers, l
 
     # A long task: the bar shows steps and an ETA; Ctrl-C cancels it on the server, exit 130.
     long_run = start_cli(
-        server, token, "generate", "--prompt", "long", "--height", "128", "--width", "128", "--duration", "3",
+        server, token, "generate", "--prompt", "long", "--height", "256", "--width", "256", "--duration", "3",
         "--steps", "50", "--poll-interval", "0.05", "--out", str(tmp_path / "never.mp4"),
     )  # fmt: skip
     lines = []

@@ -4,6 +4,8 @@ import signal
 
 import pytest
 
+from django_q.models import OrmQ
+
 from tasks_app.models import TaskAttempt, VideoTask
 from tests.conftest import wait_for
 from tests.worker.conftest import SMALL, submit
@@ -116,3 +118,12 @@ def test_tasks_start_in_submission_order_across_workers(workers, http):
     # FIFO claims: a task never starts before one submitted earlier (clock jitter between workers aside).
     for earlier, later in zip(started, started[1:]):
         assert (earlier - later).total_seconds() < 0.05
+
+
+def test_a_task_whose_queue_message_was_lost_still_runs(workers, http):
+    task_id = submit(http, {"prompt": "no message", **SMALL})  # no worker is running yet
+    # Gone, as when a claim fails on a database error after its pusher took the message.
+    assert OrmQ.objects.all().delete()[0] == 1
+    workers.start(extra_env=FAST_LEASES)
+    final, _ = http.poll_until_finished(task_id, timeout=60)
+    assert final["status"] == "succeed"
