@@ -154,6 +154,12 @@ except ValueError as exc:
 LIGHTX2V_WARM_UP = os.environ.get("LIGHTX2V_WARM_UP", "auto")
 if LIGHTX2V_WARM_UP not in ("auto", "off", "load", "full"):
     raise ImproperlyConfigured("LIGHTX2V_WARM_UP must be auto, off, load or full")
+# The MP4 is encoded while the VAE decodes ("on": on its own thread, fed each decoded chunk) or after
+# it ("off"). "auto" is "on" unless the pipeline runs on the CPU, where the encoder would take cores
+# from the decode (2 cores, tiny model: the decode slowed by more than the encode it hid).
+LIGHTX2V_STREAM_ENCODE = os.environ.get("LIGHTX2V_STREAM_ENCODE", "auto")
+if LIGHTX2V_STREAM_ENCODE not in ("auto", "on", "off"):
+    raise ImproperlyConfigured("LIGHTX2V_STREAM_ENCODE must be auto, on or off")
 # Finished videos: <output root>/videos/<task_id>.mp4, published as "outputs/videos/<task_id>.mp4".
 LIGHTX2V_OUTPUT_ROOT = Path(os.environ.get("LIGHTX2V_OUTPUT_ROOT", VAR_DIR / "outputs"))
 # Input images (uploads and data: URLs), stored under server-chosen names.

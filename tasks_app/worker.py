@@ -5,8 +5,6 @@ oldest, so a duplicated message finds nothing to do and a lost one is covered by
 pipeline is loaded lazily inside the worker process (never in the forking parent) and cached by
 ``inference.pipelines`` for every later task of that process.
 """
-import contextlib
-import ctypes
 import hashlib
 import logging
 import os
@@ -81,6 +79,13 @@ def warm_up_pipelines() -> None:
         logger.info("warmed up %s pipeline (%s) in %.1f s", kind, mode, time.perf_counter() - started)
 
 
+def stream_encode() -> bool:
+    """Whether the MP4 is encoded during the decode (``LIGHTX2V_STREAM_ENCODE``; auto: off on the CPU)."""
+    if settings.LIGHTX2V_STREAM_ENCODE == "auto":
+        return resolve_device(settings.LIGHTX2V_DEVICE)[0].type != "cpu"
+    return settings.LIGHTX2V_STREAM_ENCODE == "on"
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -98,7 +103,6 @@ def run_next_task() -> str | None:
         execute_task(run)
     finally:
         worker_process.end()
-        release_free_heap()  # after the outcome is recorded: the trim takes milliseconds
         worker_process.exit_if_shutting_down()
     return str(task.task_id)
 
@@ -110,11 +114,13 @@ def execute_task(run: worker_process.Run) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="lightx2v-") as scratch:
             video_file, poster_file = Path(scratch) / "video.mp4", Path(scratch) / "poster.jpg"
-            # The MP4 is encoded on its own thread while the VAE decodes the next frames.
             with BackgroundMp4Writer(video_file, fps=FPS) as video:
-                frames = _generate(run, run_stats, on_frames=video.write)
+                streaming = stream_encode()  # encoded on its own thread while the VAE decodes the next frames
+                frames = _generate(run, run_stats, on_frames=video.write if streaming else None)
                 _report(run, ENCODE_PROGRESS, "encoding")
                 started = time.perf_counter()
+                if not streaming:
+                    video.write(frames)
                 video.close()
             write_poster(frames, poster_file)
             video_info = video_metadata(video_file)
@@ -194,7 +200,7 @@ def _report(run: worker_process.Run, progress: float, message: str, run_stats: d
 def _generate(run: worker_process.Run, run_stats: dict, on_frames) -> np.ndarray:
     """Denoise and decode every fragment; later fragments continue from the previous last frame.
 
-    Returns the joined video; ``on_frames`` receives the same frames in chunks as they are decoded.
+    Returns the joined video; ``on_frames`` (if given) receives the same frames in chunks as they are decoded.
 
     ``run_stats["fragments"]`` gets, per fragment, the SHA-256 of its conditioning image and of its
     last frame, so the seams can be checked from outside.
@@ -215,7 +221,7 @@ def _generate(run: worker_process.Run, run_stats: dict, on_frames) -> np.ndarray
             request,
             on_step=_progress_reporter(run, index, run_stats),
             lora_dir=settings.LIGHTX2V_LORA_DIR,
-            on_frames=on_frames if index == 0 else _without_seam_frame(on_frames),
+            on_frames=on_frames if index == 0 or on_frames is None else _without_seam_frame(on_frames),
         )
         run_stats["denoise_decode_s"] = round(run_stats.get("denoise_decode_s", 0) + time.perf_counter() - started, 3)
         run_stats["fragments"].append(
@@ -286,8 +292,9 @@ def transformer_calls(pipe) -> int:
 def memory_in_use_mib() -> dict[str, float]:
     """Resident memory of this process and, on CUDA, memory held by tensors: to show nothing leaks.
 
-    Read at the end of a run, before :func:`release_free_heap`: the figure includes heap the run
-    freed but the allocator still holds (the same every run in a steady state; it grows with a leak).
+    Read at the end of a run: the figure includes heap the run freed but the allocator still holds
+    (the same every run in a steady state; it grows with a leak). An idle worker hands that back
+    (``worker_process.release_free_heap``).
     """
     page_size = os.sysconf("SC_PAGE_SIZE")
     with open("/proc/self/statm") as statm:
@@ -295,13 +302,6 @@ def memory_in_use_mib() -> dict[str, float]:
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         usage["cuda_allocated"] = round(sys.modules["torch"].cuda.memory_allocated() / 2**20, 1)
     return usage
-
-
-def release_free_heap() -> None:
-    """Hand heap that the run freed back to the OS (glibc ``malloc_trim``), so an idle worker holds
-    only what it keeps: the pipelines and caches."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _model_path(kind: str) -> str:

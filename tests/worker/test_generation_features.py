@@ -20,7 +20,7 @@ def _succeeded(http, task_id: str) -> dict:
 
 
 def test_three_fragments_make_one_video_with_continuous_seams(workers, http, tmp_path):
-    workers.start()
+    workers.start(extra_env={"LIGHTX2V_STREAM_ENCODE": "on"})  # the GPU default: encoded while decoding
     task_id = submit(http, {"prompt": "a long walk", **TINY, "num_fragments": 3})
     final, seen = http.poll_until_finished(task_id)
     assert final["status"] == "succeed", final["message"]
