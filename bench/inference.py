@@ -23,9 +23,10 @@ code path. A forward pre-/post-hook pair on ``text_encoder`` times text encoding
 calls ``torch.cuda.synchronize()``. Each pipeline runs one untimed 1-step warm-up at the same
 size first (compile, cuDNN autotuning, allocator), with a different prompt so that (b)'s timed
 run still encodes its prompt; the "repeat prompt" row times a second encode of the same prompt.
-MP4 encode is what encoding adds after the generation call: (a) ``inference.encode.encode_mp4``
-of its frames, (b) closing the ``BackgroundMp4Writer`` that encoded its frames as the VAE decoded
-them (the worker's path); end to end = generation call + that. Peak memory is ``torch.cuda.max_memory_allocated`` (weights included) per timed run.
+MP4 encode is what encoding adds after the generation call: ``inference.encode.encode_mp4`` of
+the frames, except for (b) off the CPU, which takes the worker's path: closing the
+``BackgroundMp4Writer`` that encoded its frames as the VAE decoded them. End to end = generation
+call + that. Peak memory is ``torch.cuda.max_memory_allocated`` (weights included) per timed run.
 """
 
 from __future__ import annotations
@@ -239,20 +240,22 @@ def timed_run(pipe, request: GenerationRequest, device: torch.device, *, fast: b
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     timer = StageTimer(pipe, device)
-    # (b) takes the worker's path: the MP4 is encoded on its own thread while the VAE decodes.
-    streamed_video = BackgroundMp4Writer(out_dir / "fast.mp4") if fast else None
+    # (b) takes the worker's path (LIGHTX2V_STREAM_ENCODE=auto): off the CPU, the MP4 is encoded on
+    # its own thread while the VAE decodes.
+    streamed_video = BackgroundMp4Writer(out_dir / "fast.mp4") if fast and device.type != "cpu" else None
     with timer.installed(), streamed_video or contextlib.nullcontext():
         started = timer.now()
         if fast:
-            frames = generate_frames(pipe, request, on_step=timer.on_step, on_frames=streamed_video.write)
+            on_frames = streamed_video.write if streamed_video else None
+            frames = generate_frames(pipe, request, on_step=timer.on_step, on_frames=on_frames)
         else:
             frames = stock_call(pipe, request, callback=timer.step_end_callback)
         generate_s = timer.now() - started
         encode_started = time.perf_counter()
-        if fast:
+        if streamed_video:
             streamed_video.close()
         else:
-            encode_mp4(frames, out_dir / "stock.mp4")
+            encode_mp4(frames, out_dir / ("fast.mp4" if fast else "stock.mp4"))
         mp4_s = time.perf_counter() - encode_started
     return {
         "frames": frames,
