@@ -1,8 +1,8 @@
 """Streaming encode: frames handed on while the VAE decodes them, and an MP4 written chunk by chunk.
 
-The service encodes the MP4 on its own thread as the VAE decodes (``generate_frames(on_frames=)``
-feeding a ``BackgroundMp4Writer``); these tests hold that to the same frames and the same bytes
-as decoding everything first and encoding afterwards.
+Off the CPU the worker encodes the MP4 on its own thread as the VAE decodes (``generate_frames(on_frames=)``
+feeding a ``BackgroundMp4Writer``; ``LIGHTX2V_STREAM_ENCODE``); these tests hold that to the same frames
+and the same bytes as decoding everything first and encoding afterwards.
 """
 
 import os
