@@ -41,7 +41,10 @@ def _outcomes(task_id: str) -> list[str]:
 
 def test_a_sigkilled_worker_loses_no_task_and_none_runs_twice(workers, http, tmp_path):
     output_root = tmp_path / "outputs"
-    workers.start(count=3, extra_env={**FAST_LEASES, "LIGHTX2V_OUTPUT_ROOT": str(output_root)})
+    # Three busy workers on two cores: a 3 s lease was once lost by a live worker too (its run recorded
+    # "lost", run again). 6 s still brings the dead worker's task back within seconds.
+    leases = {**FAST_LEASES, "LIGHTX2V_LEASE_S": "6"}
+    workers.start(count=3, extra_env={**leases, "LIGHTX2V_OUTPUT_ROOT": str(output_root)})
     victim_task = submit(http, {"prompt": "the one that gets killed", **A_FEW_SECONDS})
     others = [submit(http, {"prompt": f"task {i}", "seed": i, **SMALL}) for i in range(29)]
 
