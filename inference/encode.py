@@ -85,9 +85,10 @@ class Mp4Writer:
     (``ValueError``). Colours are converted and tagged as BT.709. Deterministic: the same frames
     and settings give a byte-identical file however they were split into chunks. The moov atom
     is at the front (``+faststart``) so browsers can start playback before the download ends.
-    The file appears at ``path`` only when :meth:`close` succeeds (parents created); :meth:`abort`,
-    or leaving a ``with`` block by an exception, leaves nothing. Not thread-safe: see
-    :class:`BackgroundMp4Writer` to encode on another thread.
+    The file appears at ``path`` only when :meth:`close` succeeds (parents created); :meth:`abort`
+    leaves nothing. Once closed or aborted, both do nothing more. A ``with`` block closes on success
+    and aborts on an exception. Not thread-safe: see :class:`BackgroundMp4Writer` to encode on
+    another thread.
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class Mp4Writer:
         self._container = None
         self._stream = None
         self._to_yuv = VideoReformatter()  # one scaler context for every frame (a new one per frame cost more)
+        self._finished = False
         self.frames_written = 0
 
     def write(self, frames: np.ndarray) -> None:
@@ -126,8 +128,11 @@ class Mp4Writer:
 
     def close(self) -> None:
         """Flush the encoder and put the file in place; ``ValueError`` if no frame was written."""
+        if self._finished:
+            return
         if self._stream is None:
             raise ValueError("no frames were written")
+        self._finished = True
         try:
             self._container.mux(self._stream.encode(None))  # flush delayed (B-)frames
             self._container.close()
@@ -140,6 +145,7 @@ class Mp4Writer:
 
     def abort(self) -> None:
         """Stop and remove the partial file; never raises."""
+        self._finished = True
         if self._container is not None:
             with contextlib.suppress(Exception):
                 self._container.close()
@@ -193,8 +199,8 @@ class BackgroundMp4Writer:
     Queued frames must not be modified afterwards (they are not copied). An error of the encoding
     thread is raised by the next :meth:`write` or by :meth:`close`. :meth:`close` waits until every
     queued frame is encoded and the file is in place; :meth:`abort` drops what is queued and leaves
-    nothing. A ``with`` block aborts on an exception and otherwise leaves closing to the caller
-    (an unclosed writer is aborted at the end of the block).
+    nothing. Once closed or aborted, both do nothing more (a failed close raises its error again).
+    A ``with`` block closes on success and aborts on an exception, as with :class:`Mp4Writer`.
     """
 
     _END, _ABORT = object(), object()
@@ -227,7 +233,9 @@ class BackgroundMp4Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._finished:
+        if exc_type is None:
+            self.close()
+        else:
             self.abort()
 
     def _stop(self, how) -> None:

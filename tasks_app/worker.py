@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django_q.exceptions import TimeoutException
 
-from inference.encode import BackgroundMp4Writer, video_metadata, write_poster
+from inference.encode import BackgroundMp4Writer, Mp4Writer, video_metadata, write_poster
 from inference.generate import (
     FPS,
     GenerationRequest,
@@ -114,8 +114,8 @@ def execute_task(run: worker_process.Run) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="lightx2v-") as scratch:
             video_file, poster_file = Path(scratch) / "video.mp4", Path(scratch) / "poster.jpg"
-            with BackgroundMp4Writer(video_file, fps=FPS) as video:
-                streaming = stream_encode()  # encoded on its own thread while the VAE decodes the next frames
+            streaming = stream_encode()  # encoded on its own thread while the VAE decodes the next frames
+            with (BackgroundMp4Writer if streaming else Mp4Writer)(video_file, fps=FPS) as video:
                 frames = _generate(run, run_stats, on_frames=video.write if streaming else None)
                 _report(run, ENCODE_PROGRESS, "encoding")
                 started = time.perf_counter()

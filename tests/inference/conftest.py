@@ -63,3 +63,20 @@ def fresh_i2v_pipe(tiny_models):
     pipe = WanImageToVideoPipeline.from_pretrained(tiny_models["i2v"])
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture()
+def third_frame_conversion_fails(monkeypatch):
+    """The MP4 encoder's third frame conversion raises ``RuntimeError("disk on fire")``, mid-encode."""
+    from inference import encode as encode_module
+
+    real_from_ndarray = encode_module.av.VideoFrame.from_ndarray
+    calls = []
+
+    def failing_from_ndarray(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return real_from_ndarray(*args, **kwargs)
+
+    monkeypatch.setattr(encode_module.av.VideoFrame, "from_ndarray", failing_from_ndarray)

@@ -6,7 +6,6 @@ import stat
 import numpy as np
 import pytest
 
-from inference import encode as encode_module
 from inference.encode import encode_mp4, probe_mp4
 
 
@@ -47,19 +46,9 @@ def test_creates_parent_dirs_and_leaves_only_the_target_readable_by_others(tmp_p
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
 
 
-def test_failure_mid_encode_keeps_previous_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+def test_failure_mid_encode_keeps_previous_file_and_leaves_no_temp_file(tmp_path, third_frame_conversion_fails):
     target = tmp_path / "clip.mp4"
     target.write_bytes(b"previous version")
-    real_from_ndarray = encode_module.av.VideoFrame.from_ndarray
-    calls = []
-
-    def failing_from_ndarray(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("disk on fire")
-        return real_from_ndarray(*args, **kwargs)
-
-    monkeypatch.setattr(encode_module.av.VideoFrame, "from_ndarray", failing_from_ndarray)
     with pytest.raises(RuntimeError, match="disk on fire"):
         encode_mp4(sample_frames(count=9), target)
     assert target.read_bytes() == b"previous version"

@@ -10,7 +10,6 @@ import os
 import numpy as np
 import pytest
 
-from inference import encode as encode_module
 from inference.encode import BackgroundMp4Writer, Mp4Writer, encode_mp4, probe_mp4
 from inference.generate import generate_frames
 from inference.options import InferenceOptions
@@ -85,6 +84,16 @@ def test_chunked_writes_give_the_bytes_of_one_write(tmp_path, writer_class):
     assert (tmp_path / "chunked.mp4").read_bytes() == (tmp_path / "whole.mp4").read_bytes()
 
 
+@pytest.mark.parametrize("writer_class", [Mp4Writer, BackgroundMp4Writer])
+def test_a_with_block_closes_on_success_and_a_second_close_does_nothing(tmp_path, writer_class):
+    frames = sample_frames()
+    encode_mp4(frames, tmp_path / "whole.mp4")
+    with writer_class(tmp_path / "clip.mp4") as writer:
+        writer.write(frames)
+    writer.close()
+    assert (tmp_path / "clip.mp4").read_bytes() == (tmp_path / "whole.mp4").read_bytes()
+
+
 def test_a_chunk_of_another_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="32x32 in a 64x48 video"):
         with Mp4Writer(tmp_path / "clip.mp4") as writer:
@@ -100,19 +109,9 @@ def test_closing_without_frames_is_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_an_encoder_thread_failure_reaches_the_producer_and_leaves_no_file(tmp_path, monkeypatch):
+def test_an_encoder_thread_failure_reaches_the_producer_and_leaves_no_file(tmp_path, third_frame_conversion_fails):
     target = tmp_path / "clip.mp4"
     target.write_bytes(b"previous version")
-    real_from_ndarray = encode_module.av.VideoFrame.from_ndarray
-    calls = []
-
-    def failing_from_ndarray(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("disk on fire")
-        return real_from_ndarray(*args, **kwargs)
-
-    monkeypatch.setattr(encode_module.av.VideoFrame, "from_ndarray", failing_from_ndarray)
     writer = BackgroundMp4Writer(target)
     writer.write(sample_frames(count=5))
     with pytest.raises(RuntimeError, match="disk on fire"):
