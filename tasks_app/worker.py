@@ -94,7 +94,9 @@ def run_next_task() -> str | None:
     """Claim and run one submitted task; returns its id, or None when the queue was empty."""
     if worker_process.shutting_down():
         return None  # a stopping worker takes nothing new; the message is harmless to drop
-    task = services.task_claim_next(worker_name=worker_name())
+    # A claim that failed on a database error would use up this message with nothing claimed (its
+    # acknowledgement fails too, so the broker holds it back for the retry period): wait for the database.
+    task = _with_database_retry(lambda: services.task_claim_next(worker_name=worker_name()))
     if task is None:
         return None
     logger.info("task %s claimed by %s (attempt %d)", task.task_id, task.worker_name, task.attempt_count)
