@@ -45,6 +45,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if sys.path and pathlib.Path(sys.path[0] or ".").resolve() == REPO_ROOT / "bench":
     sys.path[0] = str(REPO_ROOT)
 
+import inference  # noqa: E402,F401  - before torch: it sets libgomp's spin count (inference/__init__.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

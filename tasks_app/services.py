@@ -22,7 +22,7 @@ from django_q.models import OrmQ
 from django_q.tasks import async_task
 from PIL import Image
 
-from . import storage, wakeups, webhooks
+from . import statements, storage, wakeups, webhooks
 from .errors import (
     IdempotencyKeyReused,
     QueueFull,
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 Status = VideoTask.Status
 MAX_SEED = 2**32 - 1
 WORKER_ENTRY = "tasks_app.worker.run_next_task"
+CLAIMED_MESSAGE = "loading model"
 
 
 class TaskNoLongerRunning(Exception):
@@ -134,7 +135,10 @@ def task_claim_next(*, worker_name: str) -> VideoTask | None:
     PostgreSQL; the conditional update makes the claim safe on databases without row locks too.
     The returned task's ``worker_name`` and ``attempt_count`` identify this run: every later
     write of the run is conditional on them, so a worker that lost its lease changes nothing.
+    On PostgreSQL it is one statement (``statements.claim_next``), the same changes as below.
     """
+    if statements.supported():
+        return statements.claim_next(worker_name=worker_name, now=timezone.now(), message=CLAIMED_MESSAGE)
     while True:
         with transaction.atomic():
             task = (
@@ -153,7 +157,7 @@ def task_claim_next(*, worker_name: str) -> VideoTask | None:
                 attempt_count=task.attempt_count + 1,  # the row is locked: nobody changed it since the read
                 worker_name=worker_name,
                 progress=0.0,
-                message="loading model",
+                message=CLAIMED_MESSAGE,
             )
             if VideoTask.objects.filter(pk=task.pk, status=Status.SUBMITTED).update(**claim):
                 for name, value in claim.items():
@@ -186,6 +190,20 @@ def _end_attempt(task: VideoTask, outcome: str, error: str = "") -> None:
     )
 
 
+def _end_run(task: VideoTask, changes: dict[str, Any], outcome: str, error: str = "") -> bool:
+    """Apply ``changes`` to the row while this run still holds it, and close the run's attempt with
+    ``outcome`` and ``error``; False (nothing changed) if the run no longer held the task.
+
+    On PostgreSQL one statement (``statements.finish_run``), elsewhere two ORM updates.
+    """
+    if statements.supported():
+        return statements.finish_run(task=task, changes=changes, outcome=outcome, attempt_error=error)
+    if not _this_run(task).update(**changes):
+        return False
+    _end_attempt(task, outcome, error)
+    return True
+
+
 def task_heartbeat(*, task: VideoTask) -> bool:
     """Extend this run's lease; False when the run no longer holds it (cancelled, or taken back)."""
     return bool(_this_run(task).update(heartbeat_at=timezone.now()))
@@ -211,21 +229,21 @@ def task_finish(
     *, task: VideoTask, file_path: str, poster_path: str, video_info: dict[str, Any], run_stats: dict[str, Any]
 ) -> bool:
     """Mark this run succeeded with its video and poster; False if it lost the task meanwhile."""
+    succeeded = dict(
+        status=Status.SUCCEED,
+        progress=1.0,
+        message="completed",
+        file_path=file_path,
+        poster_path=poster_path,
+        video_info=video_info,
+        run_stats=run_stats,
+        finished_at=timezone.now(),
+    )
     with transaction.atomic():
-        finished = _this_run(task).update(
-            status=Status.SUCCEED,
-            progress=1.0,
-            message="completed",
-            file_path=file_path,
-            poster_path=poster_path,
-            video_info=video_info,
-            run_stats=run_stats,
-            finished_at=timezone.now(),
-        )
+        finished = _end_run(task, succeeded, TaskAttempt.Outcome.SUCCEED)
         if finished:
-            _end_attempt(task, TaskAttempt.Outcome.SUCCEED)
             _notify(task)
-    return bool(finished)
+    return finished
 
 
 def task_fail(
@@ -233,30 +251,26 @@ def task_fail(
 ) -> bool:
     """Mark this run failed with a readable reason; False if it no longer held the task."""
     reason = error.strip().splitlines()[0][:400] if error.strip() else "unknown error"
+    changes = dict(
+        status=Status.FAILED, message=f"failed: {reason}", error=error, run_stats=run_stats or {},
+        finished_at=timezone.now(),
+    )  # fmt: skip
+    outcome = TaskAttempt.Outcome.TIMED_OUT if timed_out else TaskAttempt.Outcome.FAILED
     with transaction.atomic():
-        failed = _this_run(task).update(
-            status=Status.FAILED,
-            message=f"failed: {reason}",
-            error=error,
-            run_stats=run_stats or {},
-            finished_at=timezone.now(),
-        )
+        failed = _end_run(task, changes, outcome, error)
         if failed:
-            _end_attempt(task, TaskAttempt.Outcome.TIMED_OUT if timed_out else TaskAttempt.Outcome.FAILED, error)
             _notify(task)
-    return bool(failed)
+    return failed
 
 
 def task_hand_back(*, task: VideoTask, reason: str) -> bool:
     """Return this run's task to the queue at its old place (the worker is shutting down)."""
+    changes = dict(status=Status.SUBMITTED, progress=0.0, message=f"queued again: {reason}", heartbeat_at=None)
     with transaction.atomic():
-        handed_back = _this_run(task).update(
-            status=Status.SUBMITTED, progress=0.0, message=f"queued again: {reason}", heartbeat_at=None
-        )
+        handed_back = _end_run(task, changes, TaskAttempt.Outcome.HANDED_BACK, reason)
         if handed_back:
-            _end_attempt(task, TaskAttempt.Outcome.HANDED_BACK, reason)
             _wake_workers()
-    return bool(handed_back)
+    return handed_back
 
 
 def task_record_run_stats(*, task: VideoTask, run_stats: dict[str, Any]) -> None:

@@ -119,3 +119,16 @@ def test_importing_the_package_loads_neither_torch_nor_diffusers():
     )
     repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root)
+
+
+@pytest.mark.parametrize(
+    "operator_env, expected",
+    [({}, "10000"), ({"GOMP_SPINCOUNT": "500"}, "500"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)],
+)
+def test_the_package_shortens_libgomp_spinning_unless_the_operator_chose(operator_env, expected):
+    env = {name: value for name, value in os.environ.items() if name not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, inference; print(os.environ.get('GOMP_SPINCOUNT'))"
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root, env={**env, **operator_env},
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.stdout.strip() == str(expected)

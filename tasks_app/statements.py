@@ -1,0 +1,107 @@
+"""The two transitions every task makes, claim and finish, as one prepared statement each (PostgreSQL).
+
+``services`` owns what a claim and a finish change; this module only writes the same changes
+as single statements. In their ORM form the claim is five round trips (lock the oldest
+submitted row, mark it running, open its attempt, plus the transaction) and the finish four,
+each query compiled afresh: in a worker that had been idle, 3-4 ms each per task; a statement
+here is ~0.4 ms. ``services`` uses these on PostgreSQL and its ORM forms elsewhere (SQLite);
+tests hold both forms to the same rows.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+from django.utils import timezone
+
+from . import rows
+from .models import TaskAttempt, VideoTask
+
+_TASKS = VideoTask._meta.db_table
+_ATTEMPTS = TaskAttempt._meta.db_table
+TASK_FIELDS = list(VideoTask._meta.concrete_fields)
+
+
+def supported() -> bool:
+    """Whether the default database runs these statements (PostgreSQL: data-modifying CTEs, SKIP LOCKED)."""
+    return connection.vendor == "postgresql"
+
+
+# The oldest submitted row that no other claim holds, marked running; its attempt opened; the row returned.
+_CLAIM = f"""
+WITH picked AS (
+    SELECT "task_id" FROM "{_TASKS}" WHERE "status" = %(submitted)s
+    ORDER BY "queued_at" LIMIT 1 FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE "{_TASKS}" SET "status" = %(running)s, "started_at" = %(now)s, "heartbeat_at" = %(now)s,
+        "attempt_count" = "{_TASKS}"."attempt_count" + 1, "worker_name" = %(worker_name)s,
+        "progress" = 0.0, "message" = %(message)s
+    FROM picked WHERE "{_TASKS}"."task_id" = picked."task_id" AND "{_TASKS}"."status" = %(submitted)s
+    RETURNING {rows.columns(*TASK_FIELDS)}
+), opened AS (
+    INSERT INTO "{_ATTEMPTS}" ("task_id", "number", "worker_name", "started_at", "outcome", "error")
+    SELECT "task_id", "attempt_count", %(worker_name)s, %(now)s, %(attempt_running)s, '' FROM claimed
+)
+SELECT * FROM claimed
+"""
+
+
+def claim_next(*, worker_name: str, now: datetime, message: str) -> VideoTask | None:
+    """Claim the oldest submitted task for ``worker_name`` (see ``services.task_claim_next``); None if none."""
+    found = rows.converted_rows(
+        _CLAIM,
+        {
+            "submitted": VideoTask.Status.SUBMITTED,
+            "running": VideoTask.Status.RUNNING,
+            "attempt_running": TaskAttempt.Outcome.RUNNING,
+            "worker_name": worker_name,
+            "now": now,
+            "message": message,
+        },
+        TASK_FIELDS,
+    )
+    return rows.instance(VideoTask, TASK_FIELDS, found[0]) if found else None
+
+
+def _finish_sql(changes: list[str]) -> str:
+    assignments = ", ".join(f'"{VideoTask._meta.get_field(name).column}" = %(set_{name})s' for name in changes)
+    return f"""
+WITH finished AS (
+    UPDATE "{_TASKS}" SET {assignments}
+    WHERE "task_id" = %(task_id)s AND "status" = %(running)s
+        AND "worker_name" = %(lease_worker)s AND "attempt_count" = %(lease_attempt)s
+    RETURNING "task_id"
+), ended AS (
+    UPDATE "{_ATTEMPTS}" SET "outcome" = %(outcome)s, "error" = %(attempt_error)s, "finished_at" = %(attempt_finished_at)s
+    WHERE "task_id" IN (SELECT "task_id" FROM finished) AND "number" = %(lease_attempt)s AND "finished_at" IS NULL
+)
+SELECT "task_id" FROM finished
+"""
+
+
+_finish_sql_by_changes: dict[tuple[str, ...], str] = {}
+
+
+def finish_run(*, task: VideoTask, changes: dict[str, Any], outcome: str, attempt_error: str = "") -> bool:
+    """Apply ``changes`` (field name -> value) to ``task``'s row while its run still holds it (the lease
+    ``task`` was claimed with), and close that run's attempt with ``outcome``, ``attempt_error`` and
+    the row's new ``finished_at`` (now if it gets none); False, nothing changed, if the run lost it."""
+    names = tuple(sorted(changes))
+    sql = _finish_sql_by_changes.get(names)
+    if sql is None:
+        sql = _finish_sql_by_changes[names] = _finish_sql(list(names))
+    params = {
+        f"set_{name}": VideoTask._meta.get_field(name).get_db_prep_save(value, connection)
+        for name, value in changes.items()
+    }
+    params.update(
+        task_id=task.pk,
+        running=VideoTask.Status.RUNNING,
+        lease_worker=task.worker_name,
+        lease_attempt=task.attempt_count,
+        outcome=outcome,
+        attempt_error=attempt_error,
+        attempt_finished_at=changes.get("finished_at") or timezone.now(),
+    )
+    return bool(rows.converted_rows(sql, params, [VideoTask._meta.pk]))

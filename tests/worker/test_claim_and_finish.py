@@ -1,0 +1,152 @@
+"""The worker's transitions (claim, succeed, fail, hand back) in both forms on PostgreSQL: the one
+statement each that ``tasks_app.statements`` runs there, and the ORM form used on other databases.
+Both must leave the same rows."""
+import threading
+from datetime import timedelta
+
+import psycopg
+import pytest
+from django.db import connection
+
+from tasks_app import services, statements
+from tasks_app.models import TaskAttempt, VideoTask
+
+SUBMIT = "/v1/tasks/video"
+FORMS = ["statement", "orm"]
+
+
+@pytest.fixture(params=FORMS)
+def form(request, monkeypatch):
+    """Which form the services use; "orm" is what SQLite gets, forced here on PostgreSQL."""
+    assert statements.supported()  # the suite runs on PostgreSQL
+    if request.param == "orm":
+        monkeypatch.setattr(statements, "supported", lambda: False)
+    return request.param
+
+
+def _submit(api, prompt: str, **extra) -> VideoTask:
+    response = api.post(SUBMIT, {"prompt": prompt, "height": 64, "width": 64, "seed": 3, **extra}, format="json")
+    assert response.status_code == 201, response.content
+    return VideoTask.objects.get(pk=response.json()["task_id"])
+
+
+def _row(task: VideoTask) -> dict:
+    """The row's fields, timestamps as "set or not" (they differ between two runs)."""
+    row = VideoTask.objects.filter(pk=task.pk).values().get()
+    for name in ("created_at", "queued_at", "started_at", "heartbeat_at", "finished_at"):
+        row[name] = row[name] is not None
+    row.pop("task_id")
+    return row
+
+
+def _attempts(task: VideoTask) -> list[tuple]:
+    return list(
+        TaskAttempt.objects.filter(task_id=task.pk)
+        .order_by("number")
+        .values_list("number", "worker_name", "outcome", "error", "finished_at")
+    )
+
+
+def test_claim_takes_the_oldest_submitted_task_and_opens_its_attempt(api, form):
+    first, second = _submit(api, "first"), _submit(api, "second")
+    VideoTask.objects.filter(pk=second.pk).update(queued_at=first.queued_at - timedelta(seconds=1))
+    before = _row(second)
+
+    claimed = services.task_claim_next(worker_name="host:1")
+
+    assert claimed.pk == second.pk
+    assert _row(second) == {**before, "status": "running", "worker_name": "host:1", "attempt_count": 1,
+                            "message": "loading model", "started_at": True, "heartbeat_at": True}  # fmt: skip
+    stored = VideoTask.objects.filter(pk=second.pk).values().get()
+    assert {name: getattr(claimed, name) for name in stored} == stored  # the instance is the row, converted
+    assert claimed.started_at == claimed.heartbeat_at and claimed.progress == 0.0
+    attempt = TaskAttempt.objects.get(task_id=second.pk)
+    assert (attempt.number, attempt.worker_name, attempt.outcome, attempt.error, attempt.finished_at) == (
+        1, "host:1", "running", "", None)  # fmt: skip
+    assert attempt.started_at == claimed.started_at
+    assert services.task_claim_next(worker_name="host:2").pk == first.pk
+    assert services.task_claim_next(worker_name="host:3") is None
+
+
+def test_a_second_run_gets_the_next_attempt_number(api, form):
+    task = _submit(api, "again")
+    run = services.task_claim_next(worker_name="host:1")
+    assert services.task_hand_back(task=run, reason="worker shut down")
+
+    rerun = services.task_claim_next(worker_name="host:2")
+
+    assert (rerun.pk, rerun.attempt_count, rerun.worker_name) == (task.pk, 2, "host:2")
+    assert [(n, w, o) for n, w, o, _, _ in _attempts(task)] == [(1, "host:1", "handed_back"), (2, "host:2", "running")]
+
+
+def test_a_claim_skips_a_row_another_transaction_holds(api, form, transactional_db):
+    held, free = _submit(api, "held"), _submit(api, "free")
+    settings = connection.settings_dict
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_row():
+        with psycopg.connect(host=settings["HOST"], port=settings["PORT"], user=settings["USER"],
+                             dbname=settings["NAME"]) as other:  # fmt: skip
+            other.execute("SELECT 1 FROM tasks_app_videotask WHERE task_id = %s FOR UPDATE", [held.pk])
+            locked.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        claimed = services.task_claim_next(worker_name="host:1")
+    finally:
+        release.set()
+        holder.join()
+    assert claimed.pk == free.pk
+    assert VideoTask.objects.get(pk=held.pk).status == "submitted"
+
+
+def test_succeed_fail_and_hand_back_end_the_run_and_its_attempt(api, form):
+    tasks = [_submit(api, name) for name in ("ok", "bad", "back")]
+    runs = {}
+    for _ in tasks:
+        run = services.task_claim_next(worker_name="host:1")
+        runs[run.prompt] = run
+    video_info = {"frames": 17, "fps": 16.0, "width": 64, "height": 64}
+
+    assert services.task_finish(task=runs["ok"], file_path="a.mp4", poster_path="a.jpg", video_info=video_info,
+                                run_stats={"encode_s": 0.01})  # fmt: skip
+    assert services.task_fail(task=runs["bad"], error="ValueError: no\ntrace", run_stats={"attempt": 1})
+    assert services.task_hand_back(task=runs["back"], reason="worker shut down")
+
+    ok, bad, back = (VideoTask.objects.get(pk=runs[name].pk) for name in ("ok", "bad", "back"))
+    assert (ok.status, ok.progress, ok.message, ok.file_path, ok.poster_path) == (
+        "succeed", 1.0, "completed", "a.mp4", "a.jpg")  # fmt: skip
+    assert (ok.video_info, ok.run_stats) == (video_info, {"encode_s": 0.01}) and ok.finished_at is not None
+    assert (bad.status, bad.message, bad.error, bad.run_stats) == (
+        "failed", "failed: ValueError: no", "ValueError: no\ntrace", {"attempt": 1})  # fmt: skip
+    assert (back.status, back.progress, back.message, back.heartbeat_at, back.finished_at) == (
+        "submitted", 0.0, "queued again: worker shut down", None, None)  # fmt: skip
+    outcomes = {name: _attempts(runs[name]) for name in runs}
+    assert [row[2:4] for row in outcomes["ok"]] == [("succeed", "")]
+    assert [row[2:4] for row in outcomes["bad"]] == [("failed", "ValueError: no\ntrace")]
+    assert [row[2:4] for row in outcomes["back"]] == [("handed_back", "worker shut down")]
+    assert all(row[4] is not None for rows in outcomes.values() for row in rows)
+    if form == "statement":  # one statement: the attempt ends at the row's own finished_at
+        assert outcomes["ok"][0][4] == ok.finished_at
+
+
+def test_a_run_that_lost_its_task_changes_nothing(api, form):
+    cancelled, reclaimed = _submit(api, "cancelled"), _submit(api, "reclaimed")
+    runs = {}
+    for _ in range(2):
+        run = services.task_claim_next(worker_name="host:1")
+        runs[run.prompt] = run
+    services.task_cancel(task=VideoTask.objects.get(pk=cancelled.pk))
+    VideoTask.objects.filter(pk=reclaimed.pk).update(worker_name="host:2", attempt_count=2)  # another run's lease
+    before = {task.pk: (_row(task), _attempts(task)) for task in (cancelled, reclaimed)}
+
+    for run in runs.values():
+        assert not services.task_finish(task=run, file_path="x.mp4", poster_path="x.jpg", video_info={},
+                                        run_stats={})  # fmt: skip
+        assert not services.task_fail(task=run, error="late")
+        assert not services.task_hand_back(task=run, reason="late")
+
+    assert {task.pk: (_row(task), _attempts(task)) for task in (cancelled, reclaimed)} == before
