@@ -4,7 +4,11 @@ import time
 import uuid
 
 from django.db import connection
+from django.core.signing import BadSignature
 from django.db.models import Count, QuerySet
+from django_q.brokers import get_broker
+from django_q.conf import Conf
+from django_q.signing import SignedPackage
 from django_q.status import Stat
 
 from . import rows
@@ -81,9 +85,32 @@ def status_counts() -> dict[str, int]:
     return counts
 
 
+def cluster_stats() -> list[Stat]:
+    """The django-q2 statistics of every qcluster that reported in the last few seconds; read-only.
+
+    Instead of ``Stat.get_all``, which rewrites the cache's list of clusters on every call and,
+    dropping an expired entry from it while iterating, skips the entry after it: a running cluster
+    listed after one that had just stopped read as absent (a test saw ``live_workers`` 0 so).
+    Expired entries are pruned by the clusters themselves when they register.
+    """
+    cache = get_broker().cache
+    if cache is None:
+        return []
+    keys = cache.get(Conf.Q_STAT) or []
+    packs = cache.get_many(keys)
+    stats = []
+    for key in keys:
+        if key in packs:
+            try:
+                stats.append(SignedPackage.loads(packs[key]))
+            except BadSignature:
+                continue
+    return stats
+
+
 def live_worker_count() -> int:
     """Worker processes of running qclusters that reported in the last few seconds (django-q2 stats)."""
-    return sum(len(stat.workers) for stat in Stat.get_all())
+    return sum(len(stat.workers) for stat in cluster_stats())
 
 
 def recent_step_seconds(*, limit: int) -> list[float]:

@@ -30,9 +30,8 @@ import time
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from django_q.conf import Conf
-from django_q.status import Stat
 
-from . import services, wakeups, webhooks
+from . import selectors, services, wakeups, webhooks
 from .models import VideoTask
 
 logger = logging.getLogger(__name__)
@@ -140,7 +139,7 @@ def _cluster_is_stopping(sentinel_pid: int) -> bool:
     """
     if os.getppid() != sentinel_pid:
         return True
-    return any(stat.sentinel == sentinel_pid and stat.status == Conf.STOPPING for stat in Stat.get_all())
+    return any(stat.sentinel == sentinel_pid and stat.status == Conf.STOPPING for stat in selectors.cluster_stats())
 
 
 def _begin_shutdown(reason: str) -> None:

@@ -122,6 +122,24 @@ def test_queue_status_counts_per_status(api, task_id):
     assert body["live_workers"] == 0
 
 
+def test_live_workers_counts_a_cluster_listed_after_one_that_just_stopped(api):
+    from django_q.brokers import get_broker
+    from django_q.conf import Conf
+    from django_q.signing import SignedPackage
+    from django_q.status import Status
+
+    cache = get_broker().cache
+    stopped, running = Status(pid=11, cluster_id="stopped"), Status(pid=12, cluster_id="running")
+    stopped.workers, running.workers = [21], [22, 23]
+    cache.set(Conf.Q_STAT, [f"{Conf.Q_STAT}:stopped", f"{Conf.Q_STAT}:running"], None)
+    cache.set(f"{Conf.Q_STAT}:stopped", SignedPackage.dumps(stopped, True), 0)  # its 3 s are over
+    cache.set(f"{Conf.Q_STAT}:running", SignedPackage.dumps(running, True), 30)
+
+    for _ in range(2):  # reading changes nothing: the next read sees the same
+        assert api.get("/v1/tasks/queue/status").json()["live_workers"] == 2
+    assert api.get("/v1/service/status").json()["live_workers"] == 2
+
+
 def test_service_status_and_metadata_need_no_token(client, db):
     health = client.get("/v1/service/status")
     assert health.status_code == 200 and health.json()["database"] is True
