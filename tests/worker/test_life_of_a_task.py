@@ -1,4 +1,5 @@
 """A task's whole life through real parts: HTTP, PostgreSQL, qcluster worker processes, the tiny Wan model, MP4s."""
+import statistics
 import time
 
 import pytest
@@ -184,6 +185,10 @@ def test_twenty_tasks_in_one_worker_load_the_model_once_and_leave_memory_flat(wo
     stats = [VideoTask.objects.get(task_id=task_id).run_stats for task_id in task_ids]
     assert {run["pipeline_loads"] for run in stats} == {2}  # the warm-up's T2V + I2V loads, nothing after
     rss = [run["memory_mib"]["rss"] for run in stats]
-    print("RSS after tasks 1, 5, 10, 20 (MiB):", rss[0], rss[4], rss[9], rss[19])
-    # Allocator caches settle within the first tasks; the last ten must not grow (a leak would, per task).
-    assert rss[19] - rss[9] < 0.03 * rss[9]
+    print("RSS after each task (MiB):", rss)
+    # A leak grows RSS at every task. The allocator grows it in rare steps instead (its heap, kept
+    # between runs, fragments; seen: one +39 MiB step late in a run): most of the last ten tasks
+    # must not grow it at all, and all ten together by under 10 %.
+    growth = [after - before for before, after in zip(rss[9:], rss[10:])]
+    assert statistics.median(growth) <= 0.1, growth
+    assert rss[19] - rss[9] < 0.10 * rss[9]
