@@ -47,8 +47,9 @@ def apply_options(pipe, options: InferenceOptions, device: torch.device) -> dict
     applied["vae_dtype"] = _apply_vae_dtype(pipe.vae, options.vae_dtype)
     applied["vae_tiling"] = _apply_vae_tiling(pipe.vae, options.vae_tiling, device)
     applied["cache"] = _apply_cache(transformer, options)
+    applied["fp8"] = _apply_fp8(transformer, options.fp8, device)
     # Compile last: it wraps blocks whose attention backend and cache hooks are now final.
-    applied["compile"] = _apply_compile(transformer, options.compile, device)
+    applied["compile"] = _apply_compile(transformer, options.compile, device, fp8=options.fp8)
     attach_prompt_cache(pipe, options.text_cache_size)
     return applied
 
@@ -139,10 +140,54 @@ def _apply_cache(transformer, options: InferenceOptions) -> str:
     return options.cache
 
 
-def _apply_compile(transformer, choice: bool | None, device: torch.device) -> str:
+# What fp8="compute" needs: FP8 tensor cores (compute capability 8.9: Ada, Hopper and later).
+FP8_COMPUTE_MIN_CAPABILITY = (8, 9)
+
+
+def _apply_fp8(transformer, choice: str, device: torch.device) -> str:
+    if choice == "storage":
+        # diffusers' own skip list keeps patch embedding, condition embedder and norms as they are.
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=transformer.dtype)
+    elif choice == "compute":
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_COMPUTE_MIN_CAPABILITY:
+            raise OptionNotUsable(f"fp8=compute needs a CUDA GPU of compute capability 8.9 or later, not {device}")
+        if importlib.util.find_spec("torchao") is None:
+            raise OptionNotUsable("fp8=compute needs torchao (pip install torchao)")
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(transformer.blocks, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return choice
+
+
+def match_lora_dtype(transformer) -> None:
+    """Give LoRA weights loaded into an ``fp8="storage"`` transformer its compute dtype.
+
+    PEFT creates them in their base layer's dtype, FP8 there, which has no matmul; the base layers
+    keep their layerwise casting. Without layerwise casting this changes nothing.
+    """
+    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK
+
+    compute_dtype = None
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook(_LAYERWISE_CASTING_HOOK) if registry is not None else None
+        if hook is not None:
+            compute_dtype = hook.compute_dtype
+            break
+    if compute_dtype is None:
+        return
+    for name, parameter in transformer.named_parameters():
+        if ".lora_" in name and parameter.dtype == torch.float8_e4m3fn:
+            parameter.data = parameter.data.to(compute_dtype)
+
+
+def _apply_compile(transformer, choice: bool | None, device: torch.device, fp8: str = "off") -> str:
+    # fp8="storage" casts each layer's weights inside its forward (module.to), which a full graph cannot hold.
+    if choice and fp8 == "storage":
+        raise OptionNotUsable("compile=on cannot be combined with fp8=storage (use fp8=compute, or compile=auto)")
     if choice is None:
         # Inductor's GPU code generation needs triton; without it compile would fail on first use.
-        choice = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        choice = device.type == "cuda" and importlib.util.find_spec("triton") is not None and fp8 != "storage"
     if choice:
         transformer.compile_repeated_blocks(fullgraph=True)
     return "on" if choice else "off"

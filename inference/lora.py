@@ -253,6 +253,8 @@ def _loaded_adapter(pipe, slots: _LoraSlots, path: pathlib.Path, name: str, max_
         key = stale.pop() if stale else next(iter(slots.adapters))
         _delete_adapter(pipe, slots, key)
 
+    from .fastpath import match_lora_dtype
+
     adapter = f"adapter{slots.next_id}"  # PEFT module keys: no dots; never "lora_…" (PEFT's prefix)
     slots.next_id += 1
     try:
@@ -260,6 +262,7 @@ def _loaded_adapter(pipe, slots: _LoraSlots, path: pathlib.Path, name: str, max_
             # PEFT warns on every adapter after the first; several loaded adapters are the point.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+        match_lora_dtype(pipe.transformer)  # FP8-stored base weights (fp8="storage")
     except Exception as exc:
         _discard_partial_adapter(pipe, adapter)
         raise LoraError(f"LoRA {name!r} could not be loaded: {exc}") from exc

@@ -16,6 +16,7 @@ ATTENTION_BACKENDS = ("auto", "native", "_native_cudnn", "_native_flash", "_flas
 CACHE_KINDS = ("none", "first_block", "taylorseer")
 VAE_TILING_MODES = ("auto", "on", "off")
 VAE_DTYPES = ("float32", "bfloat16", "float16")
+FP8_MODES = ("off", "storage", "compute")
 
 _TRUE_WORDS = ("on", "1", "true", "yes")
 _FALSE_WORDS = ("off", "0", "false", "no")
@@ -44,6 +45,14 @@ class InferenceOptions:
     ``vae_dtype`` [float32 | bfloat16 | float16]: VAE weights dtype. float32 is what diffusers
         recommends for the Wan VAE; bfloat16 is faster on GPUs and what the rest of the model uses.
     ``text_cache_size`` [int >= 0]: prompt embeddings kept per pipeline (LRU); 0 disables.
+    ``fp8`` [off | storage | compute]: FP8 (e4m3) weights for the transformer. Lossy, so off by
+        default. ``storage``: weights kept in FP8 and cast up layer by layer for the computation
+        (diffusers layerwise casting: about half the transformer's memory in bf16, a little slower;
+        runs on any device; norms and embeddings stay as they are; not compiled: ``compile`` auto
+        is then off and ``on`` fails the load). ``compute``: the transformer
+        blocks' linear layers run FP8 matmuls with per-row scaled FP8 activations (torchao
+        ``Float8DynamicActivationFloat8WeightConfig``): faster, for CUDA GPUs of compute
+        capability 8.9+ (Ada, Hopper) with torchao installed; elsewhere the load fails.
     """
 
     attention_backend: str = "auto"
@@ -53,6 +62,7 @@ class InferenceOptions:
     vae_tiling: str = "auto"
     vae_dtype: str = "float32"
     text_cache_size: int = 32
+    fp8: str = "off"
 
     def __post_init__(self) -> None:
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
@@ -67,6 +77,7 @@ class InferenceOptions:
         if isinstance(self.text_cache_size, bool) or not isinstance(self.text_cache_size, int) \
                 or self.text_cache_size < 0:
             raise ValueError(f"text_cache_size must be an integer >= 0, got {self.text_cache_size!r}")
+        _check_choice("fp8", self.fp8, FP8_MODES)
 
     @classmethod
     def from_strings(cls, values: Mapping[str, str]) -> InferenceOptions:

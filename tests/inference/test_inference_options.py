@@ -20,23 +20,24 @@ def test_defaults_are_the_lossless_choices():
     options = InferenceOptions()
     assert options.as_strings() == {
         "attention_backend": "auto", "compile": "auto", "cache": "none", "cache_threshold": "0.05",
-        "vae_tiling": "auto", "vae_dtype": "float32", "text_cache_size": "32",
+        "vae_tiling": "auto", "vae_dtype": "float32", "text_cache_size": "32", "fp8": "off",
     }
 
 
 def test_option_names_list_every_field_for_settings_code():
     assert OPTION_NAMES == ("attention_backend", "compile", "cache", "cache_threshold", "vae_tiling", "vae_dtype",
-                            "text_cache_size")
+                            "text_cache_size", "fp8")
 
 
 def test_from_strings_parses_every_field_trimmed_and_case_insensitive():
     options = InferenceOptions.from_strings({
         "attention_backend": " _Native_CUDNN ", "compile": "ON", "cache": "first_block",
         "cache_threshold": "0.1", "vae_tiling": "off", "vae_dtype": "bfloat16", "text_cache_size": "0",
+        "fp8": " Storage",
     })
     assert options == InferenceOptions(
         attention_backend="_native_cudnn", compile=True, cache="first_block", cache_threshold=0.1,
-        vae_tiling="off", vae_dtype="bfloat16", text_cache_size=0,
+        vae_tiling="off", vae_dtype="bfloat16", text_cache_size=0, fp8="storage",
     )
 
 
@@ -69,6 +70,7 @@ def test_as_strings_round_trips_through_from_strings():
         ({"text_cache_size": "many"}, "text_cache_size must be an integer"),
         ({"text_cache_size": "-1"}, "text_cache_size must be an integer >= 0"),
         ({"text_cache_size": 3}, "must be given as a string"),
+        ({"fp8": "on"}, "fp8 must be one of off, storage, compute"),
     ],
 )
 def test_bad_strings_raise_value_error_naming_the_field(values, message):
@@ -84,7 +86,7 @@ def test_direct_construction_is_validated_too():
 def test_default_options_leave_a_cpu_pipeline_as_loaded(t2v_pipe):
     assert applied_options(t2v_pipe) == {
         "attention_backend": "native", "compile": "off", "cache": "none", "cache_threshold": "0.05",
-        "vae_tiling": "off", "vae_dtype": "float32", "text_cache_size": "32",
+        "vae_tiling": "off", "vae_dtype": "float32", "text_cache_size": "32", "fp8": "off",
     }
     assert t2v_pipe.vae.dtype == torch.float32
     assert not t2v_pipe.vae.use_tiling
@@ -111,6 +113,34 @@ def test_lossy_and_memory_options_apply_and_still_generate(tiny_models, cache):
     for _ in range(2):  # the second run starts from reset cache state
         frames = generate_frames(pipe, GenerationRequest(**dict(SMALL, infer_steps=5)))
     assert frames.shape == (5, 32, 32, 3) and frames.dtype == np.uint8
+
+
+def test_fp8_storage_keeps_block_weights_in_fp8_and_runs_with_and_without_a_lora(tiny_models, t2v_pipe, tmp_path):
+    from inference.tiny import build_tiny_lora
+
+    pipe = load_pipeline(tiny_models["t2v"], kind="t2v", device="cpu", options=InferenceOptions(fp8="storage"))
+    assert applied_options(pipe)["fp8"] == "storage"
+    block = pipe.transformer.blocks[0]
+    assert block.attn1.to_q.weight.dtype == block.ffn.net[0].proj.weight.dtype == torch.float8_e4m3fn
+    assert pipe.transformer.patch_embedding.weight.dtype == torch.float32  # diffusers' skip list: as loaded
+    stored = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    assert stored < 0.8 * sum(p.numel() * p.element_size() for p in t2v_pipe.transformer.parameters())
+
+    request = GenerationRequest(**SMALL)
+    plain = generate_frames(pipe, request)
+    assert plain.shape == (5, 32, 32, 3) and plain.dtype == np.uint8
+    build_tiny_lora(pipe.transformer, tmp_path / "style.safetensors", seed=3)
+    styled = generate_frames(pipe, GenerationRequest(**SMALL, lora_name="style"), lora_dir=tmp_path)
+    assert not np.array_equal(styled, plain)  # the LoRA ran (its weights in float32, not FP8)
+    np.testing.assert_array_equal(generate_frames(pipe, request), plain)  # and left nothing behind
+
+
+def test_fp8_compute_needs_an_fp8_gpu(tiny_models, monkeypatch):
+    with pytest.raises(ModelLoadError, match="fp8=compute needs a CUDA GPU of compute capability 8.9"):
+        load_pipeline(tiny_models["t2v"], kind="t2v", device="cpu", options=InferenceOptions(fp8="compute"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))  # an A100
+    with pytest.raises(fastpath.OptionNotUsable, match="compute capability 8.9"):
+        fastpath._apply_fp8(None, "compute", torch.device("cuda"))
 
 
 def test_vae_in_another_dtype_than_the_transformer_runs_i2v(tiny_models):
@@ -169,6 +199,17 @@ def test_auto_compile_on_cuda_needs_triton(monkeypatch, triton_present, expected
     assert fastpath._apply_compile(transformer, None, torch.device("cuda")) == expected
     assert compiled == ([{"fullgraph": True}] if triton_present else [])
     assert fastpath._apply_compile(transformer, None, torch.device("cpu")) == "off"
+
+
+def test_fp8_storage_is_never_compiled(monkeypatch):
+    compiled = []
+    transformer = types.SimpleNamespace(compile_repeated_blocks=lambda **kwargs: compiled.append(kwargs))
+    monkeypatch.setattr(fastpath.importlib.util, "find_spec", lambda name: object())
+    assert fastpath._apply_compile(transformer, None, torch.device("cuda"), fp8="storage") == "off"
+    with pytest.raises(fastpath.OptionNotUsable, match="compile=on cannot be combined with fp8=storage"):
+        fastpath._apply_compile(transformer, True, torch.device("cuda"), fp8="storage")
+    assert fastpath._apply_compile(transformer, None, torch.device("cuda"), fp8="compute") == "on"
+    assert len(compiled) == 1
 
 
 @pytest.mark.parametrize("free_gib, expected", [(4, "on"), (60, "off")])
