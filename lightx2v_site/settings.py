@@ -108,9 +108,13 @@ DATABASES = {
         conn_health_checks=env_bool("LIGHTX2V_DB_HEALTH_CHECKS", False),
     )
 }
+# The hottest statements (token check, status poll, a worker's claim and finish) are prepared once per
+# connection on PostgreSQL (tasks_app.rows). A pooler in transaction mode needs that off (PgBouncer
+# before 1.21, or without max_prepared_statements): LIGHTX2V_DB_PREPARE=0.
+LIGHTX2V_DB_PREPARE = env_bool("LIGHTX2V_DB_PREPARE", True)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Lets tasks_app.rows prepare its statements (Django's client-side-bound queries never are).
-    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5 if LIGHTX2V_DB_PREPARE else None)
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The web server and the worker write concurrently: transactions take the write lock when they
     # begin and wait for it (instead of failing "database is locked" when a read turns into a write),

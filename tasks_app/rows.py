@@ -8,10 +8,11 @@ instances built from the rows with ``Model.from_db`` are the ones a queryset wou
 On PostgreSQL each statement is prepared once per connection (server-side binding; Django's own
 queries bind client-side and are never prepared): planning was most of the server's work for
 these lookups. That needs a direct connection, or a pooler that keeps prepared statements
-(PgBouncer >= 1.21 with ``max_prepared_statements``).
+(PgBouncer >= 1.21 with ``max_prepared_statements``); ``LIGHTX2V_DB_PREPARE=0`` turns it off.
 """
 import time
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import Field, Model
 
@@ -61,7 +62,7 @@ def _fetch_prepared(sql: str, params: list) -> list[tuple]:
     connection.ensure_connection()
     started = time.monotonic()
     with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
-        cursor.execute(sql, params, prepare=True)
+        cursor.execute(sql, params, prepare=settings.LIGHTX2V_DB_PREPARE)  # server-side binding either way
         found = cursor.fetchall()
     if connection.queries_logged:  # DEBUG, or a test counting queries: log it as Django's cursors do
         connection.queries_log.append({"sql": f"{sql} -- {params!r}", "time": f"{time.monotonic() - started:.3f}"})

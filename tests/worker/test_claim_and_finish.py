@@ -150,3 +150,19 @@ def test_a_run_that_lost_its_task_changes_nothing(api, form):
         assert not services.task_hand_back(task=run, reason="late")
 
     assert {task.pk: (_row(task), _attempts(task)) for task in (cancelled, reclaimed)} == before
+
+
+@pytest.mark.parametrize("prepare", [True, False])
+def test_statements_are_prepared_only_when_the_setting_allows(api, settings, prepare, transactional_db):
+    """``LIGHTX2V_DB_PREPARE=0`` (a pooler that cannot keep prepared statements) leaves none on the server."""
+    settings.LIGHTX2V_DB_PREPARE = prepare
+    task = _submit(api, "pooled")
+    connection.close()  # a fresh session: nothing prepared on it yet
+    run = services.task_claim_next(worker_name="host:1")
+    assert services.task_finish(task=run, file_path="a.mp4", poster_path="a.jpg", video_info={}, run_stats={})
+    assert api.get(f"/v1/tasks/{task.pk}/status").json()["status"] == "succeed"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    assert any("FOR UPDATE SKIP LOCKED" in statement for statement in prepared) is prepare
+    assert any("WITH finished AS" in statement for statement in prepared) is prepare
