@@ -18,8 +18,9 @@ import contextlib
 import logging
 import time
 
-from django.db import connection, connections
+from django.db import DatabaseError, connection, connections
 from django_q.brokers.orm import ORM
+from django_q.conf import Conf
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ CANCEL_CHANNEL = "lightx2v_cancel"
 QUEUE_WAIT_S = 1.0
 # After a listener connection failed, how long to poll before trying to listen again.
 RELISTEN_AFTER_S = 5.0
+# After a failed read of the queue, the pause before the next one (on a fresh connection).
+QUEUE_RETRY_S = 0.5
 
 
 def supported() -> bool:
@@ -85,6 +88,19 @@ class NotifyingORM(ORM):
         return message_id
 
     def dequeue(self):
+        """The next queued messages, or None. A database error is logged and gives None after
+        ``QUEUE_RETRY_S``, its connection closed: django-q2's pusher answers an exception by sleeping
+        10 s and exiting for its sentinel to start another, which a connection the database or a
+        proxy dropped would otherwise cost every cluster once."""
+        try:
+            return self._dequeue()
+        except DatabaseError as exc:
+            logger.warning("reading the queue failed (%s); again in %s s on a new connection", exc, QUEUE_RETRY_S)
+            connections[Conf.ORM].close()
+            time.sleep(QUEUE_RETRY_S)
+            return None
+
+    def _dequeue(self):
         listener = self._queue_listener()
         if listener is not None:
             try:

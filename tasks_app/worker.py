@@ -172,7 +172,7 @@ def _with_database_retry(write, *, patience_s: float | None = None):
             connection.close()
             if time.monotonic() >= deadline:
                 raise
-            logger.warning("database unavailable (%s); retrying the task's final write", exc)
+            logger.warning("database unavailable (%s); retrying the claim or final write in 1 s", exc)
             time.sleep(1.0)
 
 

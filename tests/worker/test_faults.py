@@ -130,3 +130,31 @@ def test_a_task_whose_queue_message_was_lost_still_runs(workers, http):
     workers.start(extra_env=FAST_LEASES)
     final, _ = http.poll_until_finished(task_id, timeout=60)
     assert final["status"] == "succeed"
+
+
+def test_a_cluster_whose_connections_were_dropped_runs_the_next_task_at_once(workers, http):
+    """As after a database restart or a proxy's idle cut: the pusher and the worker's claim reconnect
+    within a second, instead of the pusher's 10 s restart or a lost wake-up message."""
+    from django.db import connection
+
+    from tests.conftest import WORKER_APP_NAME
+
+    workers.start()
+    warm_up = submit(http, {"prompt": "before the drop", **SMALL})
+    assert http.poll_until_finished(warm_up, timeout=60)[0]["status"] == "succeed"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            [WORKER_APP_NAME],
+        )
+        assert cursor.fetchone()[0] >= 3  # at least the pusher's two (queue, LISTEN) and the worker's
+
+    task_id = submit(http, {"prompt": "after the drop", **SMALL})
+    final, _ = http.poll_until_finished(task_id, timeout=60)
+
+    assert final["status"] == "succeed" and _outcomes(task_id) == ["succeed"]
+    task = VideoTask.objects.get(pk=task_id)
+    # The stranded-message sweep would have needed over a heartbeat (5 s), the pusher's restart 10 s.
+    assert (task.started_at - task.created_at).total_seconds() < 4, workers.logs()
+    assert "retrying the claim or final write" in workers.logs()
