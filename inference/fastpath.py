@@ -160,7 +160,7 @@ def _apply_fp8(transformer, choice: str, device: torch.device) -> str:
 
 
 def match_lora_dtype(transformer) -> None:
-    """Give LoRA weights loaded into an ``fp8="storage"`` transformer its compute dtype.
+    """Cast LoRA weights loaded into an ``fp8="storage"`` transformer to its compute dtype.
 
     PEFT creates them in their base layer's dtype, FP8 there, which has no matmul; the base layers
     keep their layerwise casting. Without layerwise casting this changes nothing.
