@@ -79,6 +79,13 @@ def test_list_is_newest_first_paginated_and_filtered_by_status(api, make_api):
     assert bad.status_code == 400 and "status" in bad.json()
 
 
+def test_cancelling_the_id_video_is_a_documented_405(api, client, db):
+    response = api.delete("/v1/tasks/video")  # the submit's path, not a task
+    assert response.status_code == 405 and response.json() == {"detail": 'Method "DELETE" not allowed.'}
+    schema = client.get("/openapi.json").json()
+    assert "405" in schema["paths"]["/v1/tasks/{task_id}"]["delete"]["responses"]
+
+
 def test_cancelling_a_queued_task_is_immediate_and_final(api, task_id):
     response = api.delete(f"/v1/tasks/{task_id}")
 
