@@ -114,7 +114,10 @@ DATABASES = {
 LIGHTX2V_DB_PREPARE = env_bool("LIGHTX2V_DB_PREPARE", True)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Lets tasks_app.rows prepare its statements (Django's client-side-bound queries never are).
-    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5 if LIGHTX2V_DB_PREPARE else None)
+    # None turns preparing off for the whole connection, tasks_app.rows' explicit prepare=True included.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "prepare_threshold", 5 if LIGHTX2V_DB_PREPARE else None
+    )
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The web server and the worker write concurrently: transactions take the write lock when they
     # begin and wait for it (instead of failing "database is locked" when a read turns into a write),

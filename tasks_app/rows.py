@@ -12,7 +12,6 @@ these lookups. That needs a direct connection, or a pooler that keeps prepared s
 """
 import time
 
-from django.conf import settings
 from django.db import connection
 from django.db.models import Field, Model
 
@@ -62,7 +61,8 @@ def _fetch_prepared(sql: str, params: list) -> list[tuple]:
     connection.ensure_connection()
     started = time.monotonic()
     with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
-        cursor.execute(sql, params, prepare=settings.LIGHTX2V_DB_PREPARE)  # server-side binding either way
+        # Prepared unless the connection's prepare_threshold is None (LIGHTX2V_DB_PREPARE=0): then bound only.
+        cursor.execute(sql, params, prepare=True)
         found = cursor.fetchall()
     if connection.queries_logged:  # DEBUG, or a test counting queries: log it as Django's cursors do
         connection.queries_log.append({"sql": f"{sql} -- {params!r}", "time": f"{time.monotonic() - started:.3f}"})

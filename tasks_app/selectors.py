@@ -3,8 +3,8 @@ import functools
 import time
 import uuid
 
-from django.db import connection
 from django.core.signing import BadSignature
+from django.db import connection
 from django.db.models import Count, QuerySet
 from django_q.brokers import get_broker
 from django_q.conf import Conf

@@ -73,7 +73,8 @@ WITH finished AS (
         AND "worker_name" = %(lease_worker)s AND "attempt_count" = %(lease_attempt)s
     RETURNING "task_id"
 ), ended AS (
-    UPDATE "{_ATTEMPTS}" SET "outcome" = %(outcome)s, "error" = %(attempt_error)s, "finished_at" = %(attempt_finished_at)s
+    UPDATE "{_ATTEMPTS}"
+    SET "outcome" = %(outcome)s, "error" = %(attempt_error)s, "finished_at" = %(attempt_finished_at)s
     WHERE "task_id" IN (SELECT "task_id" FROM finished) AND "number" = %(lease_attempt)s AND "finished_at" IS NULL
 )
 SELECT "task_id" FROM finished

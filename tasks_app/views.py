@@ -166,7 +166,9 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
         request=None,
         responses={
             200: TaskStatusSerializer, 409: ERROR_RESPONSE, 404: ERROR_RESPONSE,
-            405: OpenApiResponse(response=ERROR_RESPONSE.response, description="the id is `video`: that path is the submit"),
+            405: OpenApiResponse(
+                response=ERROR_RESPONSE.response, description="the id is `video`: that path is the submit"
+            ),
         },  # fmt: skip
         summary="Cancel a submitted or running task",
     )

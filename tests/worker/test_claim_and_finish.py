@@ -1,6 +1,9 @@
 """The worker's transitions (claim, succeed, fail, hand back) in both forms on PostgreSQL: the one
 statement each that ``tasks_app.statements`` runs there, and the ORM form used on other databases.
 Both must leave the same rows."""
+import os
+import subprocess
+import sys
 import threading
 from datetime import timedelta
 
@@ -10,6 +13,7 @@ from django.db import connection
 
 from tasks_app import services, statements
 from tasks_app.models import TaskAttempt, VideoTask
+from tests.conftest import REPO_ROOT
 
 SUBMIT = "/v1/tasks/video"
 FORMS = ["statement", "orm"]
@@ -153,11 +157,12 @@ def test_a_run_that_lost_its_task_changes_nothing(api, form):
 
 
 @pytest.mark.parametrize("prepare", [True, False])
-def test_statements_are_prepared_only_when_the_setting_allows(api, settings, prepare, transactional_db):
+def test_statements_are_prepared_only_when_the_setting_allows(api, monkeypatch, prepare, transactional_db):
     """``LIGHTX2V_DB_PREPARE=0`` (a pooler that cannot keep prepared statements) leaves none on the server."""
-    settings.LIGHTX2V_DB_PREPARE = prepare
+    # What lightx2v_site.settings makes of LIGHTX2V_DB_PREPARE: the connection's prepare threshold.
+    monkeypatch.setitem(connection.settings_dict["OPTIONS"], "prepare_threshold", 5 if prepare else None)
     task = _submit(api, "pooled")
-    connection.close()  # a fresh session: nothing prepared on it yet
+    connection.close()  # a fresh session with that option, nothing prepared on it yet
     run = services.task_claim_next(worker_name="host:1")
     assert services.task_finish(task=run, file_path="a.mp4", poster_path="a.jpg", video_info={}, run_stats={})
     assert api.get(f"/v1/tasks/{task.pk}/status").json()["status"] == "succeed"
@@ -166,3 +171,12 @@ def test_statements_are_prepared_only_when_the_setting_allows(api, settings, pre
         prepared = [row[0] for row in cursor.fetchall()]
     assert any("FOR UPDATE SKIP LOCKED" in statement for statement in prepared) is prepare
     assert any("WITH finished AS" in statement for statement in prepared) is prepare
+
+
+@pytest.mark.parametrize("value, threshold", [("1", 5), ("0", None)])
+def test_the_setting_becomes_the_connections_prepare_threshold(value, threshold):
+    env = {**os.environ, "LIGHTX2V_DB_PREPARE": value, "DEBUG": "1",
+           "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/unused", "DJANGO_SETTINGS_MODULE": "lightx2v_site.settings"}  # fmt: skip
+    code = "from django.conf import settings; print(settings.DATABASES['default']['OPTIONS']['prepare_threshold'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == str(threshold), result.stderr
