@@ -108,6 +108,7 @@ class Mp4Writer:
         self._stream = None
         self._to_yuv = VideoReformatter()  # one scaler context for every frame (a new one per frame cost more)
         self._finished = False
+        self._committed = False
         self.frames_written = 0
 
     def write(self, frames: np.ndarray) -> None:
@@ -137,11 +138,21 @@ class Mp4Writer:
             self._container.mux(self._stream.encode(None))  # flush delayed (B-)frames
             self._container.close()
             self._output.commit()
+            self._committed = True
         except BaseException:
             self.abort()
             raise
         logger.debug("encoded %d frames %dx%d to %s", self.frames_written, self._stream.width, self._stream.height,
                      self.path)  # fmt: skip
+
+    def metadata(self) -> dict:
+        """What :func:`video_metadata` reads from the finished file, from what was written (no reopening).
+
+        Only after a successful :meth:`close` (``RuntimeError`` before).
+        """
+        if not self._committed:
+            raise RuntimeError("metadata() needs a closed, committed video")
+        return _metadata(self.frames_written, float(self.fps), self._stream.width, self._stream.height, self.path)
 
     def abort(self) -> None:
         """Stop and remove the partial file; never raises."""
@@ -228,6 +239,10 @@ class BackgroundMp4Writer:
     def abort(self) -> None:
         """Stop the thread and remove the partial file; never raises."""
         self._stop(self._ABORT)
+
+    def metadata(self) -> dict:
+        """:meth:`Mp4Writer.metadata` of the finished file, after a successful :meth:`close`."""
+        return self._writer.metadata()
 
     def __enter__(self) -> BackgroundMp4Writer:
         return self
@@ -323,7 +338,10 @@ def video_metadata(path: str | os.PathLike) -> dict:
         stream = container.streams.video[0]
         frames, rate = stream.frames, stream.average_rate
         width, height = stream.codec_context.width, stream.codec_context.height
-    fps = float(rate) if rate else None
+    return _metadata(frames, float(rate) if rate else None, width, height, path)
+
+
+def _metadata(frames: int, fps: float | None, width: int, height: int, path: str | os.PathLike) -> dict:
     return {
         "frames": frames,
         "fps": fps,

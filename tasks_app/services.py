@@ -22,7 +22,7 @@ from django_q.models import OrmQ
 from django_q.tasks import async_task
 from PIL import Image
 
-from . import statements, storage, wakeups, webhooks
+from . import commits, statements, storage, wakeups, webhooks
 from .errors import (
     IdempotencyKeyReused,
     QueueFull,
@@ -194,8 +194,10 @@ def _end_run(task: VideoTask, changes: dict[str, Any], outcome: str, error: str 
     """Apply ``changes`` to the row while this run still holds it, and close the run's attempt with
     ``outcome`` and ``error``; False (nothing changed) if the run no longer held the task.
 
-    On PostgreSQL one statement (``statements.finish_run``), elsewhere two ORM updates.
+    On PostgreSQL one statement (``statements.finish_run``), elsewhere two ORM updates. Callers hold
+    a transaction; its commit is durable even in a worker, whose other commits are not (``commits``).
     """
+    commits.durable()
     if statements.supported():
         return statements.finish_run(task=task, changes=changes, outcome=outcome, attempt_error=error)
     if not _this_run(task).update(**changes):

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django_q.exceptions import TimeoutException
 
-from inference.encode import BackgroundMp4Writer, Mp4Writer, video_metadata, write_poster
+from inference.encode import BackgroundMp4Writer, Mp4Writer, write_poster
 from inference.generate import (
     FPS,
     GenerationRequest,
@@ -125,7 +125,7 @@ def execute_task(run: worker_process.Run) -> None:
                     video.write(frames)
                 video.close()
             write_poster(frames, poster_file)
-            video_info = video_metadata(video_file)
+            video_info = video.metadata()
             run_stats["encode_s"] = round(time.perf_counter() - started, 3)  # what encoding adds after the decode
             file_path = storage.publish_output(video_file, task.task_id, ".mp4")
             poster_path = storage.publish_output(poster_file, task.task_id, ".jpg")

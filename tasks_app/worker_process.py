@@ -31,7 +31,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from django_q.conf import Conf
 
-from . import selectors, services, wakeups, webhooks
+from . import commits, selectors, services, wakeups, webhooks
 from .models import VideoTask
 
 logger = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def start() -> None:
         return
     _started = True
     _keep_freed_heap_between_runs()
+    commits.worker_side()
     signal.signal(signal.SIGTERM, _on_sigterm)
     threading.Thread(
         target=_heartbeat_loop, args=(os.getppid(),), name="lightx2v-heartbeat", daemon=True

@@ -1,4 +1,4 @@
-"""write_poster (one JPEG frame, atomic) and video_metadata (what the MP4 holds)."""
+"""write_poster (one JPEG frame, atomic), video_metadata (what the MP4 holds) and the writers' own account of it."""
 
 import os
 import stat
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.encode import encode_mp4, video_metadata, write_poster
+from inference.encode import BackgroundMp4Writer, Mp4Writer, encode_mp4, video_metadata, write_poster
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
 
@@ -77,3 +77,23 @@ def test_video_metadata_reports_frames_fps_duration_size_and_bytes(tmp_path):
         "frames": 17, "fps": 16.0, "duration_s": 17 / 16, "width": 48, "height": 32,
         "size_bytes": (tmp_path / "clip.mp4").stat().st_size,
     }
+
+
+@pytest.mark.parametrize("writer_class", [Mp4Writer, BackgroundMp4Writer])
+def test_a_writer_reports_the_metadata_the_finished_file_holds(tmp_path, writer_class):
+    frames = np.repeat(coloured_frames(), 4, axis=0)[:17]
+    writer = writer_class(tmp_path / "clip.mp4", fps=16)
+    writer.write(frames[:9])
+    writer.write(frames[9:])
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.metadata()
+    writer.close()
+    assert writer.metadata() == video_metadata(tmp_path / "clip.mp4")
+
+
+def test_an_aborted_writer_has_no_metadata(tmp_path):
+    writer = Mp4Writer(tmp_path / "clip.mp4", fps=16)
+    writer.write(coloured_frames())
+    writer.abort()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.metadata()
