@@ -5,8 +5,11 @@ Clients only ever see *public* paths such as ``outputs/videos/<task_id>.mp4``; t
 to storage names (``videos/<task_id>.mp4``) and refuses anything malformed. On the filesystem it also
 refuses symlinks and anything that resolves outside the output folder.
 """
+import contextlib
 import io
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
@@ -79,6 +82,42 @@ def publish_output(local_file: Path, task_id: uuid.UUID, suffix: str) -> str:
     if saved != name:
         raise RuntimeError(f"output storage saved {name} as {saved}")
     return video_public_path(task_id, suffix)
+
+
+class OutputFiles:
+    """Local paths a run writes its task's video and poster to (each atomically: readers never see
+    part of a file), and their public paths once :meth:`publish` put them in the outputs store."""
+
+    def __init__(self, task_id: uuid.UUID, folder: Path, in_place: bool):
+        self.task_id, self._in_place = task_id, in_place
+        self.video, self.poster = folder / f"{task_id}.mp4", folder / f"{task_id}.jpg"
+
+    def publish(self) -> tuple[str, str]:
+        """The public paths of the video and the poster, uploaded first unless written in place."""
+        if not self._in_place:
+            publish_output(self.video, self.task_id, ".mp4")
+            publish_output(self.poster, self.task_id, ".jpg")
+        return video_public_path(self.task_id, ".mp4"), video_public_path(self.task_id, ".jpg")
+
+
+@contextlib.contextmanager
+def output_files(task_id: uuid.UUID) -> Iterator[OutputFiles]:
+    """Where a run writes ``task_id``'s outputs. With the filesystem store, their final places (no
+    copy of the video, no scratch folder); otherwise a scratch folder, removed at the end, whose files
+    :meth:`OutputFiles.publish` uploads. An exception leaves nothing of this run in the store.
+    """
+    store = outputs()
+    try:
+        if isinstance(store, FileSystemStorage):
+            folder = Path(store.path(VIDEO_FOLDER))
+            folder.mkdir(parents=True, exist_ok=True)
+            yield OutputFiles(task_id, folder, in_place=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="lightx2v-") as scratch:
+                yield OutputFiles(task_id, Path(scratch), in_place=False)
+    except BaseException:
+        delete_outputs(task_id)
+        raise
 
 
 def delete_outputs(task_id: uuid.UUID) -> None:

@@ -10,10 +10,8 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 from django.conf import settings
@@ -114,21 +112,19 @@ def execute_task(run: worker_process.Run) -> None:
     task = run.task
     run_stats: dict = {"worker": task.worker_name, "attempt": task.attempt_count}
     try:
-        with tempfile.TemporaryDirectory(prefix="lightx2v-") as scratch:
-            video_file, poster_file = Path(scratch) / "video.mp4", Path(scratch) / "poster.jpg"
+        with storage.output_files(task.task_id) as output:
             streaming = stream_encode()  # encoded on its own thread while the VAE decodes the next frames
-            with (BackgroundMp4Writer if streaming else Mp4Writer)(video_file, fps=FPS) as video:
+            with (BackgroundMp4Writer if streaming else Mp4Writer)(output.video, fps=FPS) as video:
                 frames = _generate(run, run_stats, on_frames=video.write if streaming else None)
                 _report(run, ENCODE_PROGRESS, "encoding")
                 started = time.perf_counter()
                 if not streaming:
                     video.write(frames)
                 video.close()
-            write_poster(frames, poster_file)
+            write_poster(frames, output.poster)
             video_info = video.metadata()
             run_stats["encode_s"] = round(time.perf_counter() - started, 3)  # what encoding adds after the decode
-            file_path = storage.publish_output(video_file, task.task_id, ".mp4")
-            poster_path = storage.publish_output(poster_file, task.task_id, ".jpg")
+            file_path, poster_path = output.publish()
         run_stats["memory_mib"] = memory_in_use_mib()
         run_stats["progress_writes"] = run.progress_writes  # besides the claim and this finish
         finished = _with_database_retry(
