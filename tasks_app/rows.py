@@ -49,6 +49,11 @@ def converted_rows(sql: str, params: list, fields: list[Field]) -> list[tuple]:
     return rows
 
 
+def plain_rows(sql: str, params) -> list[tuple]:
+    """The rows of ``sql`` as the driver gives them (for columns that need no conversion, e.g. counts)."""
+    return _fetch_prepared(sql, params) if connection.vendor == "postgresql" else _fetch(sql, params)
+
+
 def _fetch(sql: str, params: list) -> list[tuple]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)

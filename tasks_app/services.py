@@ -75,7 +75,10 @@ def task_submit(
     """
     with transaction.atomic():
         # One owner's submits run one at a time, so cap checks and key lookups see each other.
-        get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
+        if statements.supported():
+            statements.lock_owner(owner_id=owner.pk)
+        else:
+            get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
         if idempotency_key:
             replayed = _replay(owner=owner, key=idempotency_key, request_fingerprint=request_fingerprint)
             if replayed is not None:
@@ -111,16 +114,20 @@ def _replay(*, owner, key: str, request_fingerprint: str) -> VideoTask | None:
 
 
 def _check_limits(*, owner) -> None:
-    counts = VideoTask.objects.filter(status__in=[Status.SUBMITTED, Status.RUNNING]).aggregate(
-        unfinished=Count("pk", filter=Q(owner=owner)), queued=Count("pk", filter=Q(status=Status.SUBMITTED))
-    )
+    if statements.supported():
+        unfinished, queued = statements.unfinished_counts(owner_id=owner.pk)
+    else:
+        counts = VideoTask.objects.filter(status__in=[Status.SUBMITTED, Status.RUNNING]).aggregate(
+            unfinished=Count("pk", filter=Q(owner=owner)), queued=Count("pk", filter=Q(status=Status.SUBMITTED))
+        )
+        unfinished, queued = counts["unfinished"], counts["queued"]
     limit = settings.LIGHTX2V_MAX_UNFINISHED_PER_USER
-    if counts["unfinished"] >= limit:
+    if unfinished >= limit:
         raise TooManyUnfinishedTasks(
-            f"you have {counts['unfinished']} unfinished tasks; the limit is {limit}",
+            f"you have {unfinished} unfinished tasks; the limit is {limit}",
             retry_after_s=settings.LIGHTX2V_RETRY_AFTER_S,
         )
-    if counts["queued"] >= settings.LIGHTX2V_MAX_QUEUED:
+    if queued >= settings.LIGHTX2V_MAX_QUEUED:
         raise QueueFull(
             f"the queue is full ({settings.LIGHTX2V_MAX_QUEUED} tasks waiting); try again later",
             retry_after_s=settings.LIGHTX2V_RETRY_AFTER_S,

@@ -2,11 +2,15 @@
 import os
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 
+import pytest
+import requests
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 
+from tasks_app import statements
 from tasks_app.models import IdempotencyKey, VideoTask
 from tests.conftest import REPO_ROOT, png_bytes
 
@@ -69,7 +73,15 @@ def test_a_malformed_key_is_a_400_naming_the_header(api):
     assert not VideoTask.objects.exists()
 
 
-def test_per_user_cap_on_unfinished_tasks_is_429_with_retry_after(api, make_api, settings):
+@pytest.fixture(params=["statement", "orm"])
+def cap_check_form(request, monkeypatch):
+    """The owner lock and cap counts as PostgreSQL statements, or in the ORM form other databases get."""
+    if request.param == "orm":
+        monkeypatch.setattr(statements, "supported", lambda: False)
+    return request.param
+
+
+def test_per_user_cap_on_unfinished_tasks_is_429_with_retry_after(api, make_api, settings, cap_check_form):
     settings.LIGHTX2V_MAX_UNFINISHED_PER_USER = 2
     first = api.post(SUBMIT, BODY, format="json").json()["task_id"]
     api.post(SUBMIT, BODY, format="json")
@@ -83,13 +95,36 @@ def test_per_user_cap_on_unfinished_tasks_is_429_with_retry_after(api, make_api,
     assert api.post(SUBMIT, BODY, format="json").status_code == 201
 
 
+def test_concurrent_submits_of_one_user_never_pass_the_cap_together(live_server, make_api, settings):
+    settings.LIGHTX2V_MAX_UNFINISHED_PER_USER = 2
+    raw_key = make_api("carol").raw_key
+    start_line = threading.Barrier(6)
+    codes = []
+
+    def submit():
+        with requests.Session() as session:
+            start_line.wait()
+            response = session.post(
+                f"{live_server.url}{SUBMIT}", json=BODY, headers={"Authorization": f"Bearer {raw_key}"}, timeout=30
+            )
+            codes.append(response.status_code)
+
+    threads = [threading.Thread(target=submit) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(codes) == [201, 201, 429, 429, 429, 429]
+    assert VideoTask.objects.filter(owner__username="carol").count() == 2
+
+
 def test_an_idempotent_replay_is_not_refused_by_the_cap(api, settings):
     settings.LIGHTX2V_MAX_UNFINISHED_PER_USER = 1
     assert _submit(api).status_code == 201
     assert _submit(api).status_code == 200
 
 
-def test_global_queue_cap_is_503_with_retry_after(api, make_api, settings):
+def test_global_queue_cap_is_503_with_retry_after(api, make_api, settings, cap_check_form):
     settings.LIGHTX2V_MAX_QUEUED = 2
     make_api("bob").post(SUBMIT, BODY, format="json")
     api.post(SUBMIT, BODY, format="json")
