@@ -1,12 +1,12 @@
 """The statements every task passes through as prepared SQL (PostgreSQL): the submit's owner lock and
 cap counts, and the two transitions every run makes, claim and finish, as one statement each.
 
-``services`` owns what a submit checks and what a claim and a finish change; this module only
-runs the same reads and writes as single statements (the ORM compiled the submit's cap counts
-alone in ~2 ms on a slow 2-core machine; the statement is ~0.4 ms). In their ORM form the claim is five round trips (lock the oldest
-submitted row, mark it running, open its attempt, plus the transaction) and the finish four,
-each query compiled afresh: in a worker that had been idle, 3-4 ms each per task; a statement
-here is ~0.4 ms. ``services`` uses these on PostgreSQL and its ORM forms elsewhere (SQLite);
+``services`` owns what a submit checks and what a claim and a finish change; this module only runs
+the same reads and writes as single statements. The ORM compiled the submit's cap counts alone in
+~2 ms on a slow 2-core machine (the statement: ~0.4 ms). In their ORM form the claim is five round
+trips (lock the oldest submitted row, mark it running, open its attempt, plus the transaction) and
+the finish four, each query compiled afresh: in a worker that had been idle, 3-4 ms each per task; a
+statement here is ~0.4 ms. ``services`` uses these on PostgreSQL and its ORM forms elsewhere (SQLite);
 tests hold both forms to the same rows.
 """
 from __future__ import annotations

@@ -128,21 +128,24 @@ class NotifyingORM(ORM):
         if listener is None:
             return super().dequeue()  # polling: reads, then sleeps its poll interval when empty
         commits.worker_side()  # only a pusher dequeues: its lock updates need not wait for a flush
-        self._wait(listener, 0.0)  # what was announced so far is in the queue already
+        listening = self._wait(listener, 0.0)  # what was announced so far is in the queue already
         taken = self._take_queued()
-        if not taken:
+        if not taken and listening:
             self._wait(listener, QUEUE_WAIT_S)
             taken = self._take_queued()
         # Nothing yet: the pusher asks again at once. The ORM broker would first sleep its poll
         # interval, and a notification arriving then would wait for it.
         return taken or None
 
-    def _wait(self, listener: Listener, timeout: float) -> None:
+    def _wait(self, listener: Listener, timeout: float) -> bool:
+        """Wait for ``QUEUE_CHANNEL`` up to ``timeout`` s; False if the listener broke (and was dropped)."""
         try:
             listener.wait(timeout=timeout)
+            return True
         except Exception as exc:  # noqa: BLE001 - a broken listener only means polling for a while
             logger.warning("queue listener failed (%s); polling for %s s", exc, RELISTEN_AFTER_S)
             self._drop_listener()
+            return False
 
     def _take_queued(self) -> list[tuple[int, str]]:
         """``(id, payload)`` of up to ``Conf.BULK`` queued messages, oldest first, each locked for
