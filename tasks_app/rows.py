@@ -38,7 +38,7 @@ def converted_rows(sql: str, params: list, fields: list[Field]) -> list[tuple]:
             steps = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
             converters.append((column, steps))
         _converters_by_fields[key] = converters
-    raw_rows = _fetch_prepared(sql, params) if connection.vendor == "postgresql" else _fetch(sql, params)
+    raw_rows = plain_rows(sql, params)
     rows = []
     for raw_row in raw_rows:
         values = list(raw_row)

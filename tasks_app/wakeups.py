@@ -19,8 +19,7 @@ import logging
 import time
 from datetime import timedelta
 
-from django import db
-from django.db import DatabaseError, connection, connections, transaction
+from django.db import DatabaseError, connection, connections
 from django.utils import timezone
 from django_q.brokers.orm import ORM
 from django_q.conf import Conf
@@ -104,9 +103,7 @@ class NotifyingORM(ORM):
         broker's model insert plus a NOTIFY were ~1.6 ms more per submit on a slow 2-core machine)."""
         if not supported():
             return super().enqueue(task)
-        if transaction.get_autocommit(using=Conf.ORM):
-            db.close_old_connections()  # as the ORM broker does before each use of its connection
-        with connections[Conf.ORM].cursor() as cursor:
+        with self._orm_cursor() as cursor:
             cursor.execute(_ENQUEUE, [self.list_key or Conf.CLUSTER_NAME, task, timezone.now(), QUEUE_CHANNEL])
             return cursor.fetchone()[0]
 
@@ -151,12 +148,16 @@ class NotifyingORM(ORM):
         """``(id, payload)`` of up to ``Conf.BULK`` queued messages, oldest first, each locked for
         ``Conf.RETRY`` s: what the ORM broker's dequeue takes, in one statement instead of a read and
         an update per message (another cluster's pusher skips what this one holds)."""
-        if transaction.get_autocommit(using=Conf.ORM):
-            db.close_old_connections()  # as the ORM broker does before each use of its connection
         now = timezone.now()
-        with connections[Conf.ORM].cursor() as cursor:
+        with self._orm_cursor() as cursor:
             cursor.execute(_TAKE_QUEUED, [now + timedelta(seconds=Conf.RETRY), self.list_key, now, Conf.BULK])
             return cursor.fetchall()
+
+    def _orm_cursor(self):
+        """A cursor on the broker's database, after the ORM broker's own connection upkeep
+        (``get_connection`` closes a stale connection when not inside a transaction)."""
+        self.get_connection()
+        return connections[Conf.ORM].cursor()
 
     def _queue_listener(self) -> Listener | None:
         if self._listener is None and supported() and time.monotonic() >= self._listen_again_at:
