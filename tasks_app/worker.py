@@ -5,6 +5,7 @@ oldest, so a duplicated message finds nothing to do and a lost one is covered by
 pipeline is loaded lazily inside the worker process (never in the forking parent) and cached by
 ``inference.pipelines`` for every later task of that process.
 """
+import ctypes
 import hashlib
 import logging
 import os
@@ -288,18 +289,42 @@ def transformer_calls(pipe) -> int:
 
 
 def memory_in_use_mib() -> dict[str, float]:
-    """Resident memory of this process and, on CUDA, memory held by tensors: to show nothing leaks.
+    """Memory this process holds, in MiB, read at the end of a run: to show nothing leaks.
 
-    Read at the end of a run: the figure includes heap the run freed but the allocator still holds
-    (the same every run in a steady state; it grows with a leak). An idle worker hands that back
-    (``worker_process.release_free_heap``).
+    ``rss`` is resident memory. It includes heap the run freed but the allocator keeps for the next
+    run (``worker_process._keep_freed_heap_between_runs``), so it grows in rare allocator steps even
+    without a leak; an idle worker hands that back (``worker_process.release_free_heap``).
+    ``heap_in_use`` (glibc only) is what C allocations, tensors included, still hold: flat from run
+    to run unless something leaks. ``cuda_allocated`` (CUDA only) is memory held by tensors.
     """
     page_size = os.sysconf("SC_PAGE_SIZE")
     with open("/proc/self/statm") as statm:
         usage = {"rss": round(int(statm.read().split()[1]) * page_size / 2**20, 1)}
+    heap = _malloc_in_use_bytes()
+    if heap is not None:
+        usage["heap_in_use"] = round(heap / 2**20, 1)
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         usage["cuda_allocated"] = round(sys.modules["torch"].cuda.memory_allocated() / 2**20, 1)
     return usage
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")
+    ]
+
+
+def _malloc_in_use_bytes() -> int | None:
+    """Bytes in allocated malloc chunks over all arenas plus mmapped blocks (glibc >= 2.33), else None."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def _model_path(kind: str) -> str:
