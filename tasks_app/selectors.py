@@ -73,8 +73,14 @@ def tasks_of(*, owner, status: str | None = None) -> QuerySet[VideoTask]:
 
 
 def queue_position(*, task: VideoTask) -> int:
-    """1 for the next task a worker will claim; counts every user's tasks queued before this one."""
-    return VideoTask.objects.filter(status=Status.SUBMITTED, queued_at__lt=task.queued_at).count() + 1
+    """1 for the next task a worker will claim; counts every user's tasks queued before this one.
+
+    A plain count (``rows``) on the claim's partial index: every poll of a queued task asks it.
+    """
+    queued_at = VideoTask._meta.get_field("queued_at").get_db_prep_value(task.queued_at, connection)
+    sql = f'SELECT COUNT(*) FROM "{VideoTask._meta.db_table}" WHERE status = %s AND queued_at < %s'
+    ((ahead,),) = rows.plain_rows(sql, [Status.SUBMITTED, queued_at])
+    return ahead + 1
 
 
 def status_counts() -> dict[str, int]:
