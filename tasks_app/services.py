@@ -7,6 +7,7 @@ changed again except by an explicit retry.
 """
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -235,9 +236,20 @@ def task_report_progress(
 
 
 def task_finish(
-    *, task: VideoTask, file_path: str, poster_path: str, video_info: dict[str, Any], run_stats: dict[str, Any]
+    *,
+    task: VideoTask,
+    file_path: str,
+    poster_path: str,
+    video_info: dict[str, Any],
+    run_stats: dict[str, Any],
+    publish: Callable[[], None] | None = None,
 ) -> bool:
-    """Mark this run succeeded with its video and poster; False if it lost the task meanwhile."""
+    """Mark this run succeeded with its video and poster; False if it lost the task meanwhile.
+
+    ``publish`` puts the files at ``file_path`` and ``poster_path``: called only when the run still
+    holds the task, while the row is locked by this update, before the commit; if it raises, nothing
+    is committed and the exception propagates.
+    """
     succeeded = dict(
         status=Status.SUCCEED,
         progress=1.0,
@@ -251,6 +263,8 @@ def task_finish(
     with transaction.atomic():
         finished = _end_run(task, succeeded, TaskAttempt.Outcome.SUCCEED)
         if finished:
+            if publish is not None:
+                publish()
             _notify(task)
     return finished
 

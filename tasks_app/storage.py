@@ -7,6 +7,7 @@ refuses symlinks and anything that resolves outside the output folder.
 """
 import contextlib
 import io
+import os
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -85,39 +86,64 @@ def publish_output(local_file: Path, task_id: uuid.UUID, suffix: str) -> str:
 
 
 class OutputFiles:
-    """Local paths a run writes its task's video and poster to (each atomically: readers never see
-    part of a file), and their public paths once :meth:`publish` put them in the outputs store."""
+    """Where one run writes its task's video and poster, and :meth:`publish`, which puts them at the
+    task's public paths.
 
-    def __init__(self, task_id: uuid.UUID, folder: Path, in_place: bool):
+    The run writes under names of its own (its attempt number in them), so a run that lost its task
+    while encoding never overwrites, nor on its way out deletes, what a later run of the same task
+    published. Each file is written atomically (readers never see part of one).
+    """
+
+    def __init__(self, task_id: uuid.UUID, attempt: int, folder: Path, in_place: bool):
         self.task_id, self._in_place = task_id, in_place
-        self.video, self.poster = folder / f"{task_id}.mp4", folder / f"{task_id}.jpg"
+        self.video, self.poster = (folder / f".{task_id}.attempt-{attempt}{suffix}" for suffix in (".mp4", ".jpg"))
+        self.video_path, self.poster_path = video_public_path(task_id, ".mp4"), video_public_path(task_id, ".jpg")
 
-    def publish(self) -> tuple[str, str]:
-        """The public paths of the video and the poster, uploaded first unless written in place."""
-        if not self._in_place:
-            publish_output(self.video, self.task_id, ".mp4")
-            publish_output(self.poster, self.task_id, ".jpg")
-        return video_public_path(self.task_id, ".mp4"), video_public_path(self.task_id, ".jpg")
+    def publish(self) -> None:
+        """Move (filesystem store) or upload (others) the files to the public paths.
+
+        Only for the run that holds its task, with the row locked until this commits
+        (``services.task_finish``): no other run publishes meanwhile. Safe to repeat after a commit
+        that failed (a file already moved is left in place). On an error nothing of the task is left
+        at the public paths.
+        """
+        try:
+            for written, suffix in ((self.video, ".mp4"), (self.poster, ".jpg")):
+                if not self._in_place:
+                    publish_output(written, self.task_id, suffix)
+                    continue
+                public = Path(outputs().path(_video_name(self.task_id, suffix)))
+                if written.exists() or not public.exists():  # else a repeat: moved already
+                    os.replace(written, public)
+        except BaseException:
+            delete_outputs(self.task_id)
+            raise
+
+    def discard(self) -> None:
+        """Remove this run's own files (never the published ones, which may be another run's)."""
+        for written in (self.video, self.poster):
+            written.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def output_files(task_id: uuid.UUID) -> Iterator[OutputFiles]:
-    """Where a run writes ``task_id``'s outputs. With the filesystem store, their final places (no
-    copy of the video, no scratch folder); otherwise a scratch folder, removed at the end, whose files
-    :meth:`OutputFiles.publish` uploads. An exception leaves nothing of this run in the store.
+def output_files(task_id: uuid.UUID, attempt: int) -> Iterator[OutputFiles]:
+    """Where run ``attempt`` of ``task_id`` writes its outputs: beside their public places on the
+    filesystem store (published by a rename, no copy), otherwise in a scratch folder, removed at the
+    end, that :meth:`OutputFiles.publish` uploads from. An exception discards this run's files.
     """
     store = outputs()
-    try:
-        if isinstance(store, FileSystemStorage):
-            folder = Path(store.path(VIDEO_FOLDER))
-            folder.mkdir(parents=True, exist_ok=True)
-            yield OutputFiles(task_id, folder, in_place=True)
-        else:
-            with tempfile.TemporaryDirectory(prefix="lightx2v-") as scratch:
-                yield OutputFiles(task_id, Path(scratch), in_place=False)
-    except BaseException:
-        delete_outputs(task_id)
-        raise
+    if isinstance(store, FileSystemStorage):
+        folder = Path(store.path(VIDEO_FOLDER))
+        folder.mkdir(parents=True, exist_ok=True)
+        output = OutputFiles(task_id, attempt, folder, in_place=True)
+        try:
+            yield output
+        except BaseException:
+            output.discard()
+            raise
+    else:
+        with tempfile.TemporaryDirectory(prefix="lightx2v-") as scratch:
+            yield OutputFiles(task_id, attempt, Path(scratch), in_place=False)
 
 
 def delete_outputs(task_id: uuid.UUID) -> None:

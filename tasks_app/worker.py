@@ -113,7 +113,7 @@ def execute_task(run: worker_process.Run) -> None:
     task = run.task
     run_stats: dict = {"worker": task.worker_name, "attempt": task.attempt_count}
     try:
-        with storage.output_files(task.task_id) as output:
+        with storage.output_files(task.task_id, task.attempt_count) as output:
             streaming = stream_encode()  # encoded on its own thread while the VAE decodes the next frames
             with (BackgroundMp4Writer if streaming else Mp4Writer)(output.video, fps=FPS) as video:
                 frames = _generate(run, run_stats, on_frames=video.write if streaming else None)
@@ -125,17 +125,16 @@ def execute_task(run: worker_process.Run) -> None:
             write_poster(frames, output.poster)
             video_info = video.metadata()
             run_stats["encode_s"] = round(time.perf_counter() - started, 3)  # what encoding adds after the decode
-            file_path, poster_path = output.publish()
-        run_stats["memory_mib"] = memory_in_use_mib()
-        run_stats["progress_writes"] = run.progress_writes  # besides the claim and this finish
-        finished = _with_database_retry(
-            lambda: services.task_finish(
-                task=task, file_path=file_path, poster_path=poster_path, video_info=video_info, run_stats=run_stats
+            run_stats["memory_mib"] = memory_in_use_mib()
+            run_stats["progress_writes"] = run.progress_writes  # besides the claim and this finish
+            finished = _with_database_retry(
+                lambda: services.task_finish(
+                    task=task, file_path=output.video_path, poster_path=output.poster_path, video_info=video_info,
+                    run_stats=run_stats, publish=output.publish,
+                )  # fmt: skip
             )
-        )
-        if not finished:
-            storage.delete_outputs(task.task_id)  # cancelled (or taken back) while encoding: leave nothing behind
-            raise services.TaskNoLongerRunning(str(task.task_id))
+            if not finished:  # cancelled (or taken back) while encoding: this run's files are discarded
+                raise services.TaskNoLongerRunning(str(task.task_id))
         logger.info("task %s succeeded: %s", task.task_id, run_stats)
     except services.TaskNoLongerRunning:
         logger.info("task %s stopped: no longer ours (cancelled or lease lost)", task.task_id)

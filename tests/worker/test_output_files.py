@@ -1,11 +1,13 @@
-"""Where a run writes its video and poster (``storage.output_files``): in place on the filesystem
-store, through a scratch folder and an upload elsewhere; an exception leaves nothing behind."""
+"""Where a run writes its video and poster (``storage.output_files``): under names of its own beside
+their public places on the filesystem store, in a scratch folder elsewhere; ``services.task_finish``
+publishes them only while the run holds its task, so a run that lost it leaves a later run's files be."""
 import os
 import uuid
 
 import pytest
 
-from tasks_app import storage
+from tasks_app import services, storage
+from tasks_app.models import VideoTask
 
 
 def _outputs_store(settings, backend: str, **options) -> None:
@@ -18,16 +20,21 @@ def filesystem_outputs(settings, tmp_path):
     return tmp_path / "outputs"
 
 
-def test_on_the_filesystem_outputs_are_written_in_place_and_not_copied(filesystem_outputs):
+def _write(output: storage.OutputFiles, content: bytes) -> None:
+    output.video.write_bytes(b"mp4 " + content)
+    output.poster.write_bytes(b"jpg " + content)
+
+
+def test_on_the_filesystem_outputs_are_published_by_a_rename_not_a_copy(filesystem_outputs):
     task_id = uuid.uuid4()
-    with storage.output_files(task_id) as output:
-        assert output.video == filesystem_outputs / "videos" / f"{task_id}.mp4"
-        output.video.write_bytes(b"mp4")
-        output.poster.write_bytes(b"jpg")
+    with storage.output_files(task_id, attempt=1) as output:
+        assert output.video.parent == filesystem_outputs / "videos"
+        _write(output, b"one")
         inode_before = os.stat(output.video).st_ino
-        published = output.publish()
-    assert published == (f"outputs/videos/{task_id}.mp4", f"outputs/videos/{task_id}.jpg")
-    assert [storage.resolve_public_path(path) for path in published] == [f"videos/{task_id}.mp4", f"videos/{task_id}.jpg"]
+        output.publish()
+        output.publish()  # a repeat (after a commit that failed) finds the files moved already
+    assert (output.video_path, output.poster_path) == (f"outputs/videos/{task_id}.mp4", f"outputs/videos/{task_id}.jpg")
+    assert storage.resolve_public_path(output.video_path) == f"videos/{task_id}.mp4"
     assert os.stat(filesystem_outputs / "videos" / f"{task_id}.mp4").st_ino == inode_before  # the same file
     assert sorted(os.listdir(filesystem_outputs / "videos")) == sorted([f"{task_id}.mp4", f"{task_id}.jpg"])
 
@@ -35,8 +42,8 @@ def test_on_the_filesystem_outputs_are_written_in_place_and_not_copied(filesyste
 def test_a_failed_run_leaves_no_output_on_the_filesystem(filesystem_outputs):
     task_id = uuid.uuid4()
     with pytest.raises(RuntimeError, match="encoder died"):
-        with storage.output_files(task_id) as output:
-            output.video.write_bytes(b"mp4")
+        with storage.output_files(task_id, attempt=1) as output:
+            _write(output, b"one")
             raise RuntimeError("encoder died")
     assert os.listdir(filesystem_outputs / "videos") == []
 
@@ -44,13 +51,61 @@ def test_a_failed_run_leaves_no_output_on_the_filesystem(filesystem_outputs):
 def test_other_stores_get_the_files_uploaded_from_a_scratch_folder(settings):
     _outputs_store(settings, "django.core.files.storage.InMemoryStorage")
     task_id = uuid.uuid4()
-    with storage.output_files(task_id) as output:
+    with storage.output_files(task_id, attempt=1) as output:
         scratch = output.video.parent
-        output.video.write_bytes(b"mp4")
-        output.poster.write_bytes(b"jpg")
+        _write(output, b"one")
         assert not storage.outputs().exists(f"videos/{task_id}.mp4")  # nothing there before publish
-        published = output.publish()
-    assert published == (f"outputs/videos/{task_id}.mp4", f"outputs/videos/{task_id}.jpg")
+        output.publish()
     with storage.outputs().open(f"videos/{task_id}.mp4") as uploaded:
-        assert uploaded.read() == b"mp4"
+        assert uploaded.read() == b"mp4 one"
     assert not scratch.exists()
+
+
+@pytest.mark.parametrize("store", ["filesystem", "in-memory"])
+def test_a_run_that_lost_its_task_while_encoding_leaves_the_later_runs_files(api, settings, tmp_path, store):
+    if store == "filesystem":
+        _outputs_store(settings, "django.core.files.storage.FileSystemStorage", location=str(tmp_path / "outputs"))
+    else:
+        _outputs_store(settings, "django.core.files.storage.InMemoryStorage")
+    response = api.post("/v1/tasks/video", {"prompt": "twice", "height": 64, "width": 64}, format="json")
+    stale = services.task_claim_next(worker_name="host:1")
+    services.task_reap_stale(lease_s=-1, max_attempts=3)  # its heartbeats stopped: the task is queued again
+    current = services.task_claim_next(worker_name="host:2")
+    assert (stale.pk, stale.attempt_count, current.attempt_count) == (current.pk, 1, 2)
+
+    with pytest.raises(services.TaskNoLongerRunning):
+        with storage.output_files(stale.pk, stale.attempt_count) as stale_output:
+            _write(stale_output, b"stale")  # still encoding while the second run works
+            with storage.output_files(current.pk, current.attempt_count) as output:
+                _write(output, b"current")
+                assert services.task_finish(
+                    task=current, file_path=output.video_path, poster_path=output.poster_path, video_info={},
+                    run_stats={}, publish=output.publish,
+                )  # fmt: skip
+            # The stale run's finish finds the task gone, so its publish never runs; its files go.
+            if not services.task_finish(
+                task=stale, file_path=stale_output.video_path, poster_path=stale_output.poster_path,
+                video_info={}, run_stats={}, publish=stale_output.publish,
+            ):  # fmt: skip
+                raise services.TaskNoLongerRunning(str(stale.pk))
+
+    task = VideoTask.objects.get(pk=response.json()["task_id"])
+    assert task.status == "succeed" and task.file_path == f"outputs/videos/{task.pk}.mp4"
+    download = api.get(f"/v1/files/download/{task.file_path}")
+    assert download.status_code == 200 and b"".join(download.streaming_content) == b"mp4 current"
+    if store == "filesystem":
+        assert sorted(os.listdir(tmp_path / "outputs" / "videos")) == sorted([f"{task.pk}.mp4", f"{task.pk}.jpg"])
+
+
+def test_a_publish_that_fails_commits_nothing_and_leaves_nothing_public(api, filesystem_outputs):
+    api.post("/v1/tasks/video", {"prompt": "no poster", "height": 64, "width": 64}, format="json")
+    run = services.task_claim_next(worker_name="host:1")
+    with pytest.raises(FileNotFoundError):
+        with storage.output_files(run.pk, run.attempt_count) as output:
+            output.video.write_bytes(b"mp4")  # the poster was never written
+            services.task_finish(
+                task=run, file_path=output.video_path, poster_path=output.poster_path, video_info={}, run_stats={},
+                publish=output.publish,
+            )  # fmt: skip
+    assert VideoTask.objects.get(pk=run.pk).status == "running"  # the worker then records the failure
+    assert os.listdir(filesystem_outputs / "videos") == []
