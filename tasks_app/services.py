@@ -305,8 +305,9 @@ def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
     """Take back running tasks whose heartbeat is older than ``lease_s``; returns them as updated.
 
     Each goes back to ``submitted`` at its old place in the queue, or to ``failed`` once it
-    has had ``max_attempts`` runs; its open attempt is recorded as lost. Safe to call from
-    every worker at once: rows another reaper holds are skipped.
+    has had ``max_attempts`` runs; its open attempt is recorded as lost and the files that run
+    left unpublished are removed. Safe to call from every worker at once: rows another reaper
+    holds are skipped.
     """
     cutoff = timezone.now() - timedelta(seconds=lease_s)
     reaped = []
@@ -330,6 +331,8 @@ def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
                 webhooks.enqueue(task)
             logger.warning("task %s reaped: %s", task.pk, task.message)
             reaped.append(task)
+    for task in reaped:  # the lost run can no longer publish what it wrote
+        storage.discard_run_files(task.pk, task.attempt_count)
     return reaped
 
 

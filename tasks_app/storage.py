@@ -146,6 +146,19 @@ def output_files(task_id: uuid.UUID, attempt: int) -> Iterator[OutputFiles]:
             yield OutputFiles(task_id, attempt, Path(scratch), in_place=False)
 
 
+def discard_run_files(task_id: uuid.UUID, attempt: int) -> None:
+    """Remove what run ``attempt`` of ``task_id`` left unpublished in the filesystem store (its own
+    files and their temp files), e.g. after its worker died. Only for a run that lost its task:
+    such a run can no longer publish them. Other stores hold nothing until a publish."""
+    store = outputs()
+    if not isinstance(store, FileSystemStorage):
+        return
+    folder = Path(store.path(VIDEO_FOLDER))
+    own = f".{task_id}.attempt-{attempt}."
+    for leftover in [*folder.glob(f"{own}*"), *folder.glob(f".{own}*")]:  # temp files: "." + name + "."
+        leftover.unlink(missing_ok=True)
+
+
 def delete_outputs(task_id: uuid.UUID) -> None:
     """Remove a task's video and poster (a run that lost its task leaves nothing behind)."""
     for suffix in (".mp4", ".jpg"):

@@ -109,3 +109,15 @@ def test_a_publish_that_fails_commits_nothing_and_leaves_nothing_public(api, fil
             )  # fmt: skip
     assert VideoTask.objects.get(pk=run.pk).status == "running"  # the worker then records the failure
     assert os.listdir(filesystem_outputs / "videos") == []
+
+
+def test_reaping_a_dead_run_removes_what_it_left_unpublished(api, filesystem_outputs):
+    api.post("/v1/tasks/video", {"prompt": "worker dies", "height": 64, "width": 64}, format="json")
+    dead = services.task_claim_next(worker_name="host:1")
+    with storage.output_files(dead.pk, dead.attempt_count) as output:
+        _write(output, b"dead")
+        (output.video.parent / f".{output.video.name}.x1y2.part").write_bytes(b"half")  # an encoder's temp file
+        (output.video.parent / "someone-else.mp4").write_bytes(b"keep")
+    # The worker died here: nothing published, its files left behind.
+    assert [task.pk for task in services.task_reap_stale(lease_s=-1, max_attempts=3)] == [dead.pk]
+    assert os.listdir(filesystem_outputs / "videos") == ["someone-else.mp4"]
