@@ -208,7 +208,12 @@ class ApiToken(models.Model):
 
     @classmethod
     def issue(cls, *, user, name: str = "") -> tuple["ApiToken", str]:
-        """Create a token for ``user``; returns the row and the raw key (not recoverable later)."""
+        """Create a token for ``user``; returns the row and the raw key (not recoverable later).
+
+        The key never begins with "-", which command lines (``revoke_api_token``) read as an option.
+        """
         raw_key = secrets.token_urlsafe(32)
+        while raw_key.startswith("-"):
+            raw_key = secrets.token_urlsafe(32)
         token = cls.objects.create(user=user, name=name, key_hash=hash_token(raw_key), prefix=raw_key[:8])
         return token, raw_key

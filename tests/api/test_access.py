@@ -5,7 +5,7 @@ import pytest
 from django.core.files.base import ContentFile
 
 from tasks_app import selectors, storage
-from tasks_app.models import VideoTask
+from tasks_app.models import ApiToken, VideoTask, hash_token
 
 SUBMIT = "/v1/tasks/video"
 
@@ -38,6 +38,27 @@ def test_token_keyword_form_and_revoked_tokens(api, client):
     assert client.get("/v1/tasks", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
     call_command("revoke_api_token", api.raw_key)
     assert client.get("/v1/tasks", HTTP_AUTHORIZATION=f"Bearer {api.raw_key}").status_code == 401
+
+
+def test_issued_tokens_never_begin_with_a_dash_and_older_ones_are_revoked_after_a_double_dash(
+    db, client, monkeypatch
+):
+    import secrets
+
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+
+    # One key in 64 began with "-", and `revoke_api_token <key>` then read it as an option.
+    user = get_user_model().objects.create(username="dash")
+    drawn = iter(["-" + "a" * 42, "-" + "b" * 42, "c" * 43])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda nbytes: next(drawn))
+    assert ApiToken.issue(user=user)[1] == "c" * 43
+
+    older_key = "-" + "d" * 42  # issued before keys were redrawn
+    ApiToken.objects.create(user=user, key_hash=hash_token(older_key), prefix=older_key[:8])
+    assert client.get("/v1/tasks", HTTP_AUTHORIZATION=f"Bearer {older_key}").status_code == 200
+    call_command("revoke_api_token", "--", older_key)
+    assert client.get("/v1/tasks", HTTP_AUTHORIZATION=f"Bearer {older_key}").status_code == 401
 
 
 def test_create_api_token_command_prints_a_working_token(db, client):

@@ -5,7 +5,10 @@ from tasks_app.models import ApiToken, hash_token
 
 
 class Command(BaseCommand):
-    help = "Revoke an API token, given the raw token or the 8-character prefix shown in the admin."
+    help = (
+        "Revoke an API token, given the raw token or the 8-character prefix shown in the admin "
+        "(one that begins with '-' goes after '--')."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("token")
