@@ -96,7 +96,7 @@ class OutputFiles:
 
     def __init__(self, task_id: uuid.UUID, attempt: int, folder: Path, in_place: bool):
         self.task_id, self._in_place = task_id, in_place
-        self.video, self.poster = (folder / f".{task_id}.attempt-{attempt}{suffix}" for suffix in (".mp4", ".jpg"))
+        self.video, self.poster = (folder / _run_file_name(task_id, attempt, suffix) for suffix in (".mp4", ".jpg"))
         self.video_path, self.poster_path = video_public_path(task_id, ".mp4"), video_public_path(task_id, ".jpg")
 
     def publish(self) -> None:
@@ -154,9 +154,15 @@ def discard_run_files(task_id: uuid.UUID, attempt: int) -> None:
     if not isinstance(store, FileSystemStorage):
         return
     folder = Path(store.path(VIDEO_FOLDER))
-    own = f".{task_id}.attempt-{attempt}."
-    for leftover in [*folder.glob(f"{own}*"), *folder.glob(f".{own}*")]:  # temp files: "." + name + "."
-        leftover.unlink(missing_ok=True)
+    for suffix in (".mp4", ".jpg"):
+        name = _run_file_name(task_id, attempt, suffix)
+        for leftover in [folder / name, *folder.glob(f".{name}.*.part")]:  # and inference.encode.AtomicFile's temps
+            leftover.unlink(missing_ok=True)
+
+
+def _run_file_name(task_id: uuid.UUID, attempt: int, suffix: str) -> str:
+    """The name run ``attempt`` writes a file under until it publishes it (hidden, in the videos folder)."""
+    return f".{task_id}.attempt-{attempt}{suffix}"
 
 
 def delete_outputs(task_id: uuid.UUID) -> None:

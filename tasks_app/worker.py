@@ -5,7 +5,6 @@ oldest, so a duplicated message finds nothing to do and a lost one is covered by
 pipeline is loaded lazily inside the worker process (never in the forking parent) and cached by
 ``inference.pipelines`` for every later task of that process.
 """
-import ctypes
 import hashlib
 import logging
 import os
@@ -299,31 +298,12 @@ def memory_in_use_mib() -> dict[str, float]:
     page_size = os.sysconf("SC_PAGE_SIZE")
     with open("/proc/self/statm") as statm:
         usage = {"rss": round(int(statm.read().split()[1]) * page_size / 2**20, 1)}
-    heap = _malloc_in_use_bytes()
+    heap = worker_process.heap_in_use_bytes()
     if heap is not None:
         usage["heap_in_use"] = round(heap / 2**20, 1)
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         usage["cuda_allocated"] = round(sys.modules["torch"].cuda.memory_allocated() / 2**20, 1)
     return usage
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-                     "fordblks", "keepcost")
-    ]
-
-
-def _malloc_in_use_bytes() -> int | None:
-    """Bytes in allocated malloc chunks over all arenas plus mmapped blocks (glibc >= 2.33), else None."""
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
-    return info.uordblks + info.hblkhd
 
 
 def _model_path(kind: str) -> str:

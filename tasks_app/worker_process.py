@@ -80,6 +80,27 @@ def _keep_freed_heap_between_runs() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")
+    ]
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes glibc's allocator has handed out and not had back: allocated chunks over all arenas
+    plus mmapped blocks (``mallinfo2``, glibc >= 2.33); None elsewhere. Unlike RSS, it does not
+    count the freed heap kept between runs."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 def release_free_heap() -> None:
     """Hand heap that finished runs freed back to the OS (glibc ``malloc_trim``), once idle.
 
