@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU check of issue #5, as one prepared command for the lent machine (bench/README.md):
+#   bench/gpu/fetch-wheels.sh here, then the device tool's
+#   run(command="bash bench/gpu/run.sh", carry=[".whl"], timeout_s=580)
+# Installs .whl/ into /tmp/site, then runs bench/inference.py for the real Wan2.1-T2V-1.3B shapes
+# (480x832x81, 4 steps, guidance 1): the default fast path, then with FP8 compute. Each run's
+# output goes to $OUT/<name>.txt and to stdout; a run that fails or overruns its limit does not
+# stop the next. BENCH_ARGS replaces the config arguments (e.g. "--config tiny" to try the script
+# on a CPU machine); PYTHON picks the interpreter (default python3, the GPU image's).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-/tmp/gpu-bench-out}
+BENCH_ARGS=${BENCH_ARGS:---config 1.3b}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  "$PYTHON" -c 'import torch, diffusers, transformers, av; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available(), "diffusers", diffusers.__version__, "transformers", transformers.__version__, "av", av.__version__)'
+  "$PYTHON" bench/inference.py $BENCH_ARGS --dry-run
+} 2>&1 | tee "$OUT/environment.txt"
+
+bench() {  # bench NAME LIMIT_S [inference.py arguments]
+  local name=$1 limit=$2; shift 2
+  echo "=== $name: bench/inference.py $BENCH_ARGS $*"
+  timeout "$limit" "$PYTHON" bench/inference.py $BENCH_ARGS "$@" 2>&1 | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc$( [ "$rc" = 124 ] && echo ", stopped at its ${limit} s limit")" | tee -a "$OUT/$name.txt"
+  return "$rc"
+}
+# If the compiled fast path fails, a run without compile still gives the other figures.
+bench fast-path 300 || bench fast-path-no-compile 150 --option compile=off
+bench fp8-compute 240 --option fp8=compute
+exit 0
