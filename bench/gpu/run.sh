@@ -34,6 +34,6 @@ bench() {  # bench NAME LIMIT_S [inference.py arguments]
   return "$rc"
 }
 # If the compiled fast path fails, a run without compile still gives the other figures.
-bench fast-path 300 || bench fast-path-no-compile 150 --option compile=off
-bench fp8-compute 240 --option fp8=compute
+bench fast-path 220 || bench fast-path-no-compile 110 --option compile=off
+bench fp8-compute 220 --option fp8=compute  # limits: 550 s in all, inside timeout_s=580
 exit 0
