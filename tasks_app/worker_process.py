@@ -19,8 +19,8 @@ back to the queue at its next step. Database
 errors in the thread are logged and the connection is reopened on the next beat: a database
 restart never kills a worker.
 """
-import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -74,10 +74,19 @@ def _keep_freed_heap_between_runs() -> None:
     """Have glibc keep freed memory (up to 1 GiB at the heap top; blocks up to 32 MiB from the heap)
     instead of unmapping it on every free: with its defaults a tiny task faulted 2,000-15,000 pages
     in again, with these about 20. :func:`release_free_heap` still hands it back once idle."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt = _glibc_function("mallopt")
+    if mallopt is not None:
+        mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+
+
+@functools.cache
+def _glibc_function(name: str):
+    """glibc's C function ``name``, or None where the C library is not glibc or has no such function."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 class _MallInfo2(ctypes.Structure):
@@ -92,9 +101,8 @@ def heap_in_use_bytes() -> int | None:
     """Bytes glibc's allocator has handed out and not had back: allocated chunks over all arenas
     plus mmapped blocks (``mallinfo2``, glibc >= 2.33); None elsewhere. Unlike RSS, it does not
     count the freed heap kept between runs."""
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    mallinfo2 = _glibc_function("mallinfo2")
+    if mallinfo2 is None:
         return None
     mallinfo2.restype = _MallInfo2
     info = mallinfo2()
@@ -112,8 +120,9 @@ def release_free_heap() -> None:
         if _current is not None or not _heap_to_release:
             return
         _heap_to_release = False
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def shutdown_overdue() -> bool:

@@ -6,12 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rm -rf .whl && mkdir .whl
+pinned=()
+for name in diffusers transformers av peft; do
+  pinned+=("$(grep -h "^$name==" requirements/inference.txt)")
+done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  "$(grep -h '^diffusers==' requirements/inference.txt)" \
-  "$(grep -h '^transformers==' requirements/inference.txt)" \
-  "$(grep -h '^av==' requirements/inference.txt)" \
-  "$(grep -h '^peft==' requirements/inference.txt)" \
-  torchao==0.18.0 importlib_metadata
+  "${pinned[@]}" torchao==0.18.0 importlib_metadata
 du -sh .whl && ls .whl
