@@ -244,6 +244,11 @@ DATA_UPLOAD_MAX_NUMBER_FIELDS = 100
 LIGHTX2V_WEBHOOK_ALLOW_PRIVATE = env_bool("LIGHTX2V_WEBHOOK_ALLOW_PRIVATE", False)
 LIGHTX2V_WEBHOOK_MAX_ATTEMPTS = env_int("LIGHTX2V_WEBHOOK_MAX_ATTEMPTS", 8)
 LIGHTX2V_WEBHOOK_BACKOFF_S = env_float("LIGHTX2V_WEBHOOK_BACKOFF_S", 2)
+# Each worker process sends deliveries when one is announced (PostgreSQL NOTIFY), when a retry falls due,
+# and at least this often anyway (the backstop; on other databases the only path, so shorter there).
+LIGHTX2V_WEBHOOK_POLL_S = env_float(
+    "LIGHTX2V_WEBHOOK_POLL_S", 5.0 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" else 0.5
+)
 
 # /metrics (Prometheus): with a token, scrapers send "Authorization: Bearer <token>"; without one, only
 # loopback clients are answered (bind a sidecar or scrape through the host).

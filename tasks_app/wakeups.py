@@ -6,6 +6,9 @@
 * ``CANCEL_CHANNEL``, payload the task id: a running task was cancelled. Each worker process's
   listener thread (``worker_process``) stops its run at the next denoising step, whatever the
   progress-write interval.
+* ``WEBHOOK_CHANNEL``: a webhook delivery was queued (a task finished or was cancelled, or an operator
+  re-sent one). The same listener thread wakes its process's webhook sender, which otherwise only
+  looks when a retry falls due or every ``LIGHTX2V_WEBHOOK_POLL_S``.
 
 Notifications are sent in the transaction of the change, so PostgreSQL delivers them only once the
 change is visible, and never for a change that rolled back. On other databases nothing is sent
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 QUEUE_CHANNEL = "lightx2v_queue"
 CANCEL_CHANNEL = "lightx2v_cancel"
+WEBHOOK_CHANNEL = "lightx2v_webhook"
 # Longest wait for a queue notification before looking at the queue anyway.
 QUEUE_WAIT_S = 1.0
 # After a listener connection failed, how long to poll before trying to listen again.

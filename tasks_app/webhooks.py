@@ -1,8 +1,9 @@
 """Webhooks: a signed POST to a task's ``callback_url`` on each terminal state, retried with backoff.
 
-Deliveries are rows (an outbox): ``enqueue`` writes one in the same transaction as the state change,
-and each worker process's sender thread (``send_due``) posts due rows, so a slow or dead receiver
-never holds up generation and a crash loses nothing. The body is JSON; the headers are
+Deliveries are rows (an outbox): ``enqueue`` writes one in the same transaction as the state change
+and announces it (``wakeups.WEBHOOK_CHANNEL``), and each worker process's sender thread
+(``send_due``) posts due rows, so a slow or dead receiver never holds up generation and a crash
+loses nothing. The body is JSON; the headers are
 
     X-LightX2V-Timestamp: <unix seconds>
     X-LightX2V-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>" with the owner's secret>
@@ -24,8 +25,10 @@ from urllib.parse import urlsplit
 import requests
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Min
 from django.utils import timezone
 
+from . import wakeups
 from .models import VideoTask, WebhookDelivery, WebhookSecret
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ def enqueue(task: VideoTask) -> None:
     WebhookDelivery.objects.create(
         task=task, url=task.callback_url, event=f"task.{task.status}", payload=_payload(task)
     )
+    wakeups.notify(wakeups.WEBHOOK_CHANNEL)
 
 
 def _payload(task: VideoTask) -> dict:
@@ -108,6 +112,14 @@ def _claim_due() -> list[WebhookDelivery]:
     return due
 
 
+def seconds_until_due() -> float | None:
+    """How long until the earliest pending delivery is due (0.0 if one is due now); None if none is pending."""
+    earliest = WebhookDelivery.objects.filter(delivered_at__isnull=True, gave_up_at__isnull=True).aggregate(
+        at=Min("next_attempt_at")
+    )["at"]
+    return None if earliest is None else max((earliest - timezone.now()).total_seconds(), 0.0)
+
+
 def send_due() -> int:
     """Send every due delivery once; returns how many were delivered."""
     delivered = 0
@@ -147,4 +159,7 @@ def _send(delivery: WebhookDelivery) -> bool:
 
 def resend(queryset) -> int:
     """Queue deliveries to be sent again now (operators' admin action)."""
-    return queryset.update(delivered_at=None, gave_up_at=None, attempts=0, next_attempt_at=timezone.now())
+    with transaction.atomic():
+        count = queryset.update(delivered_at=None, gave_up_at=None, attempts=0, next_attempt_at=timezone.now())
+        wakeups.notify(wakeups.WEBHOOK_CHANNEL)
+    return count

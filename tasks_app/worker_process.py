@@ -9,9 +9,11 @@ the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``
 * while idle, queues a wake-up for a task left waiting without a queue message
   (``services.task_wake_stranded``), and hands the heap freed by the last runs back to the OS.
 
-A second thread sends due webhook deliveries (``webhooks.send_due``). On PostgreSQL a third listens
-for cancellations (``wakeups.CANCEL_CHANNEL``) and stops the run at its next step, without waiting
-for the next progress write or heartbeat.
+A second thread sends due webhook deliveries (``webhooks.send_due``): at start, when one is
+announced, when a retry falls due, and every ``LIGHTX2V_WEBHOOK_POLL_S`` in any case. On PostgreSQL a
+third listens for cancellations (``wakeups.CANCEL_CHANNEL``), and stops the run at its next step
+without waiting for the next progress write or heartbeat, and for deliveries
+(``wakeups.WEBHOOK_CHANNEL``), which it hands to the sender.
 
 Shutdown (SIGTERM to this process, or its cluster stopping after SIGTERM to ``qcluster``): an idle
 worker exits at once; a running task may go on for ``LIGHTX2V_SHUTDOWN_GRACE_S`` and is then handed
@@ -35,7 +37,8 @@ from . import commits, selectors, services, wakeups, webhooks
 from .models import VideoTask
 
 logger = logging.getLogger(__name__)
-WEBHOOK_POLL_S = 0.5
+# After a failed look at the deliveries (database down), the pause before the next.
+WEBHOOK_RETRY_S = 1.0
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters (malloc.h)
 
 
@@ -54,6 +57,7 @@ _current: Run | None = None
 _current_lock = threading.Lock()
 _heap_to_release = False  # a run ended since the heap was last trimmed
 _shutdown_deadline: float | None = None  # time.monotonic() after which the run is handed back
+_webhooks_announced = threading.Event()  # set by the listener thread: a delivery was queued
 
 
 def begin(task: VideoTask) -> Run:
@@ -214,11 +218,12 @@ def start() -> None:
     ).start()
     threading.Thread(target=_webhook_loop, name="lightx2v-webhooks", daemon=True).start()
     if wakeups.supported():
-        threading.Thread(target=_cancel_listener_loop, name="lightx2v-cancel-listener", daemon=True).start()
+        threading.Thread(target=_listener_loop, name="lightx2v-listener", daemon=True).start()
 
 
-def _cancel_listener_loop() -> None:
-    """Mark the current run lost when its task's cancellation is announced, once the row confirms it.
+def _listener_loop() -> None:
+    """Mark the current run lost when its task's cancellation is announced, once the row confirms it;
+    wake the webhook sender when a delivery is announced.
 
     The check against the row (the heartbeat's fenced update) keeps a late notification from
     stopping a later run of the same task.
@@ -227,8 +232,11 @@ def _cancel_listener_loop() -> None:
     while True:
         try:
             if listener is None:
-                listener = wakeups.Listener(wakeups.CANCEL_CHANNEL)
-            cancelled = {payload for _, payload in listener.wait(timeout=settings.LIGHTX2V_HEARTBEAT_S)}
+                listener = wakeups.Listener(wakeups.CANCEL_CHANNEL, wakeups.WEBHOOK_CHANNEL)
+            received = listener.wait(timeout=settings.LIGHTX2V_HEARTBEAT_S)
+            if any(channel == wakeups.WEBHOOK_CHANNEL for channel, _ in received):
+                _webhooks_announced.set()
+            cancelled = {payload for channel, payload in received if channel == wakeups.CANCEL_CHANNEL}
             with _current_lock:
                 run = _current
             if run is not None and str(run.task.pk) in cancelled:
@@ -236,7 +244,7 @@ def _cancel_listener_loop() -> None:
                 if not services.task_heartbeat(task=run.task):
                     run.lease_lost.set()
         except Exception as exc:  # noqa: BLE001 - the listener must outlive a database restart
-            logger.warning("cancel listener: %s; listening again in %s s", exc, wakeups.RELISTEN_AFTER_S)
+            logger.warning("listener: %s; listening again in %s s", exc, wakeups.RELISTEN_AFTER_S)
             if listener is not None:
                 listener.close()
             listener = None
@@ -245,14 +253,27 @@ def _cancel_listener_loop() -> None:
 
 
 def _webhook_loop() -> None:
-    """Send due webhook deliveries, off the generation thread (a slow receiver delays nothing else)."""
+    """Send due webhook deliveries, off the generation thread (a slow receiver delays nothing else).
+
+    Looks at start, when the listener hands on an announcement, when the earliest pending retry falls
+    due, and at least every ``LIGHTX2V_WEBHOOK_POLL_S``: an idle worker does not query the database
+    for deliveries several times a second.
+    """
+    wait_s = 0.0
     while True:
-        time.sleep(WEBHOOK_POLL_S)
+        _webhooks_announced.wait(timeout=wait_s)
+        _webhooks_announced.clear()  # what was announced before this is committed: send_due sees it
         try:
             close_old_connections()
             webhooks.send_due()
+            due_in = webhooks.seconds_until_due()
+            wait_s = settings.LIGHTX2V_WEBHOOK_POLL_S
+            if due_in is not None:  # a retry falls due sooner
+                wait_s = min(due_in, wait_s)
         except DatabaseError as exc:
             logger.warning("webhooks: database unavailable (%s); retrying", exc)
             connection.close()
+            wait_s = WEBHOOK_RETRY_S
         except Exception:  # noqa: BLE001 - the sender must outlive any single failure
             logger.exception("webhook sending failed")
+            wait_s = WEBHOOK_RETRY_S

@@ -8,13 +8,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tasks_app import webhooks
 from tasks_app.models import WebhookDelivery, WebhookSecret
 from tests.conftest import wait_for
 from tests.worker.conftest import SMALL, submit
 
 pytestmark = pytest.mark.worker
 
-FAST_RETRIES = {"LIGHTX2V_WEBHOOK_ALLOW_PRIVATE": "1", "LIGHTX2V_WEBHOOK_BACKOFF_S": "0.2"}
+# The backstop poll is pushed out of the tests' reach: every delivery below is sent because it was
+# announced (NOTIFY), was waiting when the worker started, or its retry fell due.
+FAST_RETRIES = {
+    "LIGHTX2V_WEBHOOK_ALLOW_PRIVATE": "1", "LIGHTX2V_WEBHOOK_BACKOFF_S": "0.2", "LIGHTX2V_WEBHOOK_POLL_S": "600",
+}
 
 
 class Receiver:
@@ -98,3 +103,17 @@ def test_a_receiver_that_is_down_is_retried_without_delaying_the_next_task(worke
         assert len(back_up.received) == 1
     finally:
         back_up.close()
+
+
+def test_a_delivery_queued_by_another_process_wakes_an_idle_worker(workers, http, receiver):
+    workers.start(extra_env=FAST_RETRIES)
+    done = submit(http, {"prompt": "done", **SMALL, "callback_url": receiver.url})
+    assert http.poll_until_finished(done)[0]["status"] == "succeed"
+    wait_for(lambda: WebhookDelivery.objects.filter(delivered_at__isnull=False).exists(), timeout=30, what="delivery")
+
+    # The admin's re-send, from this process: only its announcement can reach the idle worker in time.
+    assert webhooks.resend(WebhookDelivery.objects.all()) == 1
+
+    wait_for(lambda: len(receiver.received) == 2, timeout=30, what="the re-sent delivery")
+    assert receiver.received[0][1] == receiver.received[1][1]  # the same body, posted again
+    wait_for(lambda: WebhookDelivery.objects.get().delivered_at is not None, timeout=10, what="its ack")
