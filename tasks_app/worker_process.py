@@ -11,9 +11,9 @@ the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``
 
 A second thread sends due webhook deliveries (``webhooks.send_due``): at start, when one is
 announced, when a retry falls due, and every ``LIGHTX2V_WEBHOOK_POLL_S`` in any case. On PostgreSQL a
-third listens for cancellations (``wakeups.CANCEL_CHANNEL``), and stops the run at its next step
+third listens: for cancellations (``wakeups.CANCEL_CHANNEL``), stopping the run at its next step
 without waiting for the next progress write or heartbeat, and for deliveries
-(``wakeups.WEBHOOK_CHANNEL``), which it hands to the sender.
+(``wakeups.WEBHOOK_CHANNEL``), waking the sender.
 
 Shutdown (SIGTERM to this process, or its cluster stopping after SIGTERM to ``qcluster``): an idle
 worker exits at once; a running task may go on for ``LIGHTX2V_SHUTDOWN_GRACE_S`` and is then handed
