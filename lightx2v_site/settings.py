@@ -112,7 +112,8 @@ DATABASES = {
 # connection on PostgreSQL (tasks_app.rows). A pooler in transaction mode needs that off (PgBouncer
 # before 1.21, or without max_prepared_statements): LIGHTX2V_DB_PREPARE=0.
 LIGHTX2V_DB_PREPARE = env_bool("LIGHTX2V_DB_PREPARE", True)
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+on_postgresql = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"  # lower case: not a setting
+if on_postgresql:
     # Lets tasks_app.rows prepare its statements (Django's client-side-bound queries never are).
     # None turns preparing off for the whole connection, tasks_app.rows' explicit prepare=True included.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
@@ -246,9 +247,7 @@ LIGHTX2V_WEBHOOK_MAX_ATTEMPTS = env_int("LIGHTX2V_WEBHOOK_MAX_ATTEMPTS", 8)
 LIGHTX2V_WEBHOOK_BACKOFF_S = env_float("LIGHTX2V_WEBHOOK_BACKOFF_S", 2)
 # Each worker process sends deliveries when one is announced (PostgreSQL NOTIFY), when a retry falls due,
 # and at least this often anyway (the backstop; on other databases the only path, so shorter there).
-LIGHTX2V_WEBHOOK_POLL_S = env_float(
-    "LIGHTX2V_WEBHOOK_POLL_S", 5.0 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" else 0.5
-)
+LIGHTX2V_WEBHOOK_POLL_S = env_float("LIGHTX2V_WEBHOOK_POLL_S", 5.0 if on_postgresql else 0.5)
 
 # /metrics (Prometheus): with a token, scrapers send "Authorization: Bearer <token>"; without one, only
 # loopback clients are answered (bind a sidecar or scrape through the host).

@@ -31,11 +31,12 @@ class ReconnectingDatabaseCache(DatabaseCache):
         return self._reconnect_after_error(super().get_many, keys, version=version)
 
     def _base_set(self, mode, key, value, timeout=DEFAULT_TIMEOUT):
-        if mode == "set" and connections[router.db_for_write(self.cache_model_class)].vendor == "postgresql":
-            return self._reconnect_after_error(self._upsert, key, value, timeout)
+        db = router.db_for_write(self.cache_model_class)
+        if mode == "set" and connections[db].vendor == "postgresql":
+            return self._reconnect_after_error(self._upsert, db, key, value, timeout)
         return self._reconnect_after_error(super()._base_set, mode, key, value, timeout)
 
-    def _upsert(self, key, value, timeout) -> bool:
+    def _upsert(self, db, key, value, timeout) -> bool:
         """Django's ``set`` (same stored value and expiry, same culling) in one statement.
 
         Unlike Django's, a database error is raised rather than answered with False: the
@@ -47,7 +48,6 @@ class ReconnectingDatabaseCache(DatabaseCache):
             expires = datetime.max
         else:
             expires = datetime.fromtimestamp(timeout, tz=timezone.utc if settings.USE_TZ else None)
-        db = router.db_for_write(self.cache_model_class)
         connection = connections[db]
         quote = connection.ops.quote_name
         table, key_column, value_column, expires_column = map(quote, (self._table, "cache_key", "value", "expires"))

@@ -96,14 +96,20 @@ def secret_for(user) -> str:
     return WebhookSecret.objects.get_or_create(user=user)[0].secret
 
 
+def _pending():
+    """Deliveries neither delivered nor given up (what ``webhook_due_idx`` indexes)."""
+    return WebhookDelivery.objects.filter(delivered_at__isnull=True, gave_up_at__isnull=True)
+
+
 def _claim_due() -> list[WebhookDelivery]:
     """Due deliveries, each pushed a send-timeout into the future so other senders skip it meanwhile."""
     now = timezone.now()
     with transaction.atomic():
         due = list(
-            WebhookDelivery.objects.select_for_update(skip_locked=True)
+            _pending()
+            .select_for_update(skip_locked=True)
             .select_related("task__owner")
-            .filter(delivered_at__isnull=True, gave_up_at__isnull=True, next_attempt_at__lte=now)
+            .filter(next_attempt_at__lte=now)
             .order_by("next_attempt_at")[:BATCH]
         )
         WebhookDelivery.objects.filter(pk__in=[d.pk for d in due]).update(
@@ -114,9 +120,7 @@ def _claim_due() -> list[WebhookDelivery]:
 
 def seconds_until_due() -> float | None:
     """How long until the earliest pending delivery is due (0.0 if one is due now); None if none is pending."""
-    earliest = WebhookDelivery.objects.filter(delivered_at__isnull=True, gave_up_at__isnull=True).aggregate(
-        at=Min("next_attempt_at")
-    )["at"]
+    earliest = _pending().aggregate(at=Min("next_attempt_at"))["at"]
     return None if earliest is None else max((earliest - timezone.now()).total_seconds(), 0.0)
 
 

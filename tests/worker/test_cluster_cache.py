@@ -14,10 +14,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def table(db):
-    """The test database's cache table, created the way ``manage.py createcachetable`` does."""
-    from django.core.management import call_command
-
-    call_command("createcachetable", verbosity=0)
+    """The test database's cache table (Django creates it with the test database), emptied."""
     cache.clear()
     yield
     cache.clear()
