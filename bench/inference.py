@@ -12,8 +12,8 @@ Both runs use the same weights, size, seed, steps (4) and guidance (1.0) in one 
 Configs: ``tiny`` (default on CPU) is ``inference.tiny.build_tiny_models`` in a temp dir, loaded
 with ``from_pretrained`` (a) and ``load_pipeline`` (b); size 64x64x17. ``1.3b`` (default on CUDA)
 and ``14b`` are random-weight components with the real Wan2.1 shapes, built straight on the GPU
-in bfloat16 (the tiny tokenizer is enough: its ids are valid for the real vocabulary); size
-480x832x81. They share one set of modules: (a) runs first, then the fast path is applied to the
+in bfloat16 with a float32 VAE, the setup diffusers' Wan2.1 documentation gives (the tiny
+tokenizer is enough: its ids are valid for the real vocabulary); size 480x832x81. They share one set of modules: (a) runs first, then the fast path is applied to the
 same pipeline for (b). Random weights give meaningless pictures but real compute and memory.
 
 How stages are timed: hooks on the pipeline's own modules, so both runs go through their normal
@@ -125,7 +125,9 @@ def build_random_components(config: str, device: torch.device, dtype: torch.dtyp
     """Real-size Wan2.1 T2V components with random weights, allocated on ``device`` in ``dtype``.
 
     Built under ``torch.device(device)`` so weights are created where they live (``meta``:
-    shapes only, nothing allocated); minutes on CPU, seconds on a GPU.
+    shapes only, nothing allocated); minutes on CPU, seconds on a GPU. The VAE is float32, as
+    diffusers' Wan2.1 documentation loads it beside a bfloat16 pipeline (and as the fast path's
+    default ``vae_dtype`` keeps it); on ``meta`` it takes ``dtype`` like the rest.
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -137,8 +139,9 @@ def build_random_components(config: str, device: torch.device, dtype: torch.dtyp
             patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
             cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **TRANSFORMER_SHAPES[config],
         )
-        vae = AutoencoderKLWan()
         text_encoder = UMT5EncoderModel(UMT5Config(**TEXT_ENCODER_CONFIG)).eval()  # eval: no dropout
+    with torch.device(device):
+        vae = AutoencoderKLWan().to(torch.float32 if device.type != "meta" else dtype)
     keep_float32_like_from_pretrained(transformer)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return dict(tokenizer=build_tiny_tokenizer(), text_encoder=text_encoder, vae=vae,
@@ -356,10 +359,11 @@ def dry_run(args) -> None:
     print(f"fast-path options: {args.options.as_strings()}")
 
 
-def print_table(args, stock: dict, fast: dict, applied: dict[str, str]) -> None:
+def print_table(args, stock: dict, fast: dict, applied: dict[str, str], stock_vae_dtype: torch.dtype) -> None:
     print(f"\nWan2.1 T2V {args.config} on {args.torch_device} ({str(args.dtype).removeprefix('torch.')}), "
           f"{args.width}x{args.height}x{args.frames}, {args.steps} steps, guidance {args.guidance}")
-    print(f"fast path: {applied}; medians of {args.repeats} run(s)")
+    print(f"stock VAE dtype: {str(stock_vae_dtype).removeprefix('torch.')}; fast path: {applied}; "
+          f"medians of {args.repeats} run(s)")
     rows = [key for key in stock if key != "frames"]
     print(f"{'':32s}{'stock (a)':>12s}{'fast (b)':>12s}{'b/a':>8s}")
     for row in rows:
@@ -385,12 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="wan-bench-") as tmp:
         work_dir = pathlib.Path(tmp)
         stock_pipe, make_fast = build_pipelines(args, work_dir)
+        stock_vae_dtype = stock_pipe.vae.dtype  # (b) may change it in place
         stock_call(stock_pipe, warm_up_request)
         stock = median_run(stock_pipe, request, args, fast=False, out_dir=work_dir)
         fast_pipe, applied = make_fast()
         warm_up(fast_pipe, height=args.height, width=args.width, num_frames=args.frames)
         fast = median_run(fast_pipe, request, args, fast=True, out_dir=work_dir)
-    print_table(args, stock, fast, applied)
+    print_table(args, stock, fast, applied, stock_vae_dtype)
     return 0
 
 

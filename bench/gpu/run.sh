@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check of issue #5, as one prepared command for the lent machine (bench/README.md):
 #   bench/gpu/fetch-wheels.sh here, then the device tool's
-#   run(command="bash bench/gpu/run.sh", carry=[".whl"], timeout_s=580)
+#   run(command="bash bench/gpu/run.sh", carry=[".whl"], timeout_s=590)
 # Installs .whl/ into /tmp/site, then runs bench/inference.py for the real Wan2.1-T2V-1.3B shapes
-# (480x832x81, 4 steps, guidance 1): the default fast path, then with FP8 compute. Each run's
+# (480x832x81, 4 steps, guidance 1): the default fast path, then the lossy speed options (FP8
+# compute, bfloat16 VAE); then bench/parts.py (attention backends, VAE decode variants). Each run's
 # output goes to $OUT/<name>.txt and to stdout; a run that fails or overruns its limit does not
-# stop the next. BENCH_ARGS replaces the config arguments (e.g. "--config tiny" to try the script
-# on a CPU machine); PYTHON picks the interpreter (default python3, the GPU image's).
+# stop the next, and all of them end within BUDGET_S (560) seconds of the start. BENCH_ARGS
+# replaces the config arguments (e.g. "--config tiny" to try the script on a CPU machine); PYTHON
+# picks the interpreter (default python3, the GPU image's).
 set -uo pipefail
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-560} ))  # every run ends by then: inside timeout_s=590
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu-bench-out}
@@ -25,15 +28,24 @@ fi
   "$PYTHON" bench/inference.py $BENCH_ARGS --dry-run
 } 2>&1 | tee "$OUT/environment.txt"
 
-bench() {  # bench NAME LIMIT_S [inference.py arguments]
-  local name=$1 limit=$2; shift 2
-  echo "=== $name: bench/inference.py $BENCH_ARGS $*"
-  timeout "$limit" "$PYTHON" bench/inference.py $BENCH_ARGS "$@" 2>&1 | tee "$OUT/$name.txt"
+bench() {  # bench NAME LIMIT_S SCRIPT [arguments]: LIMIT_S, or less if the deadline is nearer
+  local name=$1 limit=$2 script=$3; shift 3
+  local left=$(( DEADLINE - $(date +%s) ))
+  (( left < limit )) && limit=$left
+  (( limit < 30 )) && { echo "=== $name: skipped, ${left} s left"; return 1; }
+  echo "=== $name: $script $*"
+  timeout "$limit" "$PYTHON" "$script" "$@" 2>&1 | tee "$OUT/$name.txt"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc$( [ "$rc" = 124 ] && echo ", stopped at its ${limit} s limit")" | tee -a "$OUT/$name.txt"
   return "$rc"
 }
 # If the compiled fast path fails, a run without compile still gives the other figures.
-bench fast-path 220 || bench fast-path-no-compile 110 --option compile=off
-bench fp8-compute 220 --option fp8=compute  # limits: 550 s in all, inside timeout_s=580
+bench fast-path 210 bench/inference.py $BENCH_ARGS \
+  || bench fast-path-no-compile 110 bench/inference.py $BENCH_ARGS --option compile=off
+# Attention backends and VAE decode variants, one at a time (what the defaults should be).
+bench parts 120 bench/parts.py $BENCH_ARGS
+# The lossy speed options together: FP8 matmuls in the transformer blocks and a bfloat16 VAE.
+speed="--option fp8=compute --option vae_dtype=bfloat16"
+bench speed 210 bench/inference.py $BENCH_ARGS $speed \
+  || bench speed-no-compile 110 bench/inference.py $BENCH_ARGS $speed --option compile=off
 exit 0

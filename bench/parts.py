@@ -1,0 +1,186 @@
+"""Time the two big GPU parts of one Wan2.1 request, one variant at a time, to choose defaults.
+
+    python bench/parts.py [--config tiny|1.3b|14b] [--device auto|cpu|cuda] [--repeats N]
+
+(1) One transformer forward (one denoising step, no CFG) per attention backend that runs here
+    (``native`` = torch SDPA's own choice, ``_native_cudnn``, ``_native_flash``,
+    ``_native_efficient``, and ``flash`` / ``_flash_3`` / ``sage`` when installed), uncompiled.
+(2) One VAE decode of the request's latents in float32 and bfloat16, each with cuDNN autotuning
+    (``torch.backends.cudnn.benchmark``) off and on.
+
+Random weights with the real shapes (``bench/inference.py``'s builders; the text encoder is not
+needed: random prompt embeddings of its width stand in), random latents of the request's size
+(1.3b: 480x832x81 -> 16x21x60x104 latents, 32,760 tokens). Each variant gets one untimed call
+first (autotuning, allocator), then ``--repeats`` timed calls; the table gives the median, the
+transformer's achieved TFLOP/s (attention + linear FLOPs counted below) and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import pathlib
+import statistics
+import sys
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if sys.path and pathlib.Path(sys.path[0] or ".").resolve() == REPO_ROOT / "bench":
+    sys.path[0] = str(REPO_ROOT)  # "import inference" must find the package, not bench/inference.py
+
+import inference  # noqa: E402,F401  - before torch (libgomp spin count)
+import torch  # noqa: E402
+
+from inference.pipelines import resolve_device  # noqa: E402
+
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage")
+TEXT_TOKENS = 512
+LATENT_CHANNELS = 16
+
+
+def _bench_inference():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_inference", REPO_ROOT / "bench" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_transformer_and_vae(config: str, device: torch.device, dtype: torch.dtype):
+    """(transformer, vae, (height, width, frames)) with the config's shapes and random weights."""
+    if config == "tiny":
+        from inference.tiny import _build_components
+
+        with torch.device(device):
+            components = _build_components("t2v")
+        return components["transformer"].to(dtype), components["vae"].to(dtype), (64, 64, 17)
+    bench = _bench_inference()
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    with torch.device(device), bench.default_dtype(dtype):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **bench.TRANSFORMER_SHAPES[config],
+        )
+        vae = AutoencoderKLWan()
+    bench.keep_float32_like_from_pretrained(transformer)
+    return transformer.eval(), vae.eval(), bench.DEFAULT_SIZES[config]
+
+
+def transformer_flop(transformer, tokens: int) -> float:
+    """Matmul FLOPs of one forward: every linear layer on every token, plus self-attention
+    (QK^T and PV: 4 * tokens^2 * inner dim per layer) and cross-attention over the text."""
+    linear = sum(m.in_features * m.out_features for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    layers = transformer.config.num_layers
+    attention = layers * 4 * inner * tokens * (tokens + TEXT_TOKENS)
+    return 2.0 * linear * tokens + attention
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak GiB) of ``fn()`` after one untimed call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        fn()
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            sync()
+            seconds.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(seconds), peak
+
+
+def attention_rows(transformer, size, device, dtype, repeats: int) -> list[str]:
+    from inference.fastpath import _attention_backend_runs, _set_attention_backend
+
+    height, width, frames = size
+    latent_shape = (1, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
+    generator = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(latent_shape, generator=generator, device=device, dtype=dtype)
+    text = torch.randn((1, TEXT_TOKENS, transformer.config.text_dim), generator=generator, device=device, dtype=dtype)
+    timestep = torch.tensor([500], device=device)
+    p_t, p_h, p_w = transformer.config.patch_size
+    tokens = latent_shape[2] // p_t * latent_shape[3] // p_h * latent_shape[4] // p_w
+    flop = transformer_flop(transformer, tokens)
+    rows = [f"transformer forward, {tokens} tokens, {flop / 1e12:.1f} TFLOP (uncompiled)"]
+    head_dim = transformer.config.attention_head_dim
+    reference = None
+    for backend in ATTENTION_BACKENDS:
+        if backend != "native" and not _attention_backend_runs(backend, device, dtype, head_dim):
+            rows.append(f"  {backend:20s} not usable here")
+            continue
+        if backend == "native":
+            transformer.reset_attention_backend()
+        else:
+            _set_attention_backend(transformer, backend)
+
+        def forward():
+            return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
+                               return_dict=False)[0]
+
+        try:
+            seconds, peak = timed(forward, device, repeats)
+            with torch.no_grad():
+                output = forward().float()
+        except Exception as exc:  # noqa: BLE001 - a backend that fails is a row, not the end
+            rows.append(f"  {backend:20s} failed: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        reference = output if reference is None else reference
+        diff = (output - reference).abs().max().item()
+        rows.append(f"  {backend:20s} {seconds:8.4f} s  {flop / seconds / 1e12:7.1f} TFLOP/s  "
+                    f"peak {peak:6.1f} GiB  max |diff| vs native {diff:.4f}")
+        del output
+        gc.collect()
+    transformer.reset_attention_backend()
+    return rows
+
+
+def vae_rows(vae, size, device, repeats: int) -> list[str]:
+    height, width, frames = size
+    latent_shape = (1, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
+    latents = torch.randn(latent_shape, generator=torch.Generator(device).manual_seed(0), device=device)
+    rows = [f"VAE decode of {tuple(latent_shape)} latents -> {frames}x{height}x{width}"]
+    for dtype in (torch.float32, torch.bfloat16):
+        vae.to(dtype=dtype)
+        for autotune in (False, True):
+            torch.backends.cudnn.benchmark = autotune
+            seconds, peak = timed(lambda: vae.decode(latents.to(dtype), return_dict=False)[0], device, repeats)
+            rows.append(f"  {str(dtype).removeprefix('torch.'):9s} cudnn.benchmark={str(autotune):5s} "
+                        f"{seconds:8.4f} s  peak {peak:6.1f} GiB")
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=("tiny", "1.3b", "14b"), help="default: tiny on CPU, 1.3b on CUDA")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--part", choices=("all", "attention", "vae"), default="all")
+    args = parser.parse_args(argv)
+    device, dtype = resolve_device(args.device)
+    config = args.config or ("1.3b" if device.type == "cuda" else "tiny")
+    if config != "tiny" and device.type != "cuda":
+        parser.error(f"--config {config} needs a CUDA device")
+    transformer, vae, size = build_transformer_and_vae(config, device, dtype)
+    print(f"Wan2.1 {config} parts on {device} ({str(dtype).removeprefix('torch.')}), "
+          f"medians of {args.repeats} after one untimed call", flush=True)
+    if args.part in ("all", "attention"):
+        print("\n".join(attention_rows(transformer, size, device, dtype, args.repeats)), flush=True)
+    if args.part in ("all", "vae"):
+        del transformer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print("\n".join(vae_rows(vae, size, device, args.repeats)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
