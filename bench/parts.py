@@ -6,7 +6,8 @@
     (``native`` = torch SDPA's own choice, ``_native_cudnn``, ``_native_flash``,
     ``_native_efficient``, and ``flash`` / ``_flash_3`` / ``sage`` when installed), uncompiled.
 (2) One VAE decode of the request's latents in float32 and bfloat16, each with cuDNN autotuning
-    (``torch.backends.cudnn.benchmark``) off and on.
+    (``torch.backends.cudnn.benchmark``) off and on; with ``--part vae-compile`` instead, float32
+    eager against ``torch.compile`` of the decoder.
 
 Random weights with the real shapes (``bench/inference.py``'s builders; the text encoder is not
 needed: random prompt embeddings of its width stand in), random latents of the request's size
@@ -141,20 +142,42 @@ def attention_rows(transformer, size, device, dtype, repeats: int) -> list[str]:
     return rows
 
 
-def vae_rows(vae, size, device, repeats: int) -> list[str]:
+def vae_rows(vae, size, device, repeats: int, *, compiled: bool = False):
+    """Yield the VAE decode table's rows as they are measured. ``compiled``: instead of the
+    dtype x autotuning grid, float32 eager against ``torch.compile`` of the decoder (its first
+    call, which compiles, is timed apart), with the largest pixel difference between the two."""
     height, width, frames = size
     latent_shape = (1, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
     latents = torch.randn(latent_shape, generator=torch.Generator(device).manual_seed(0), device=device)
-    rows = [f"VAE decode of {tuple(latent_shape)} latents -> {frames}x{height}x{width}"]
+    yield f"VAE decode of {tuple(latent_shape)} latents -> {frames}x{height}x{width}"
+
+    def decode():
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+
+    if compiled:
+        vae.to(dtype=torch.float32)
+        seconds, peak = timed(decode, device, repeats)
+        with torch.no_grad():
+            eager = decode()
+        yield f"  float32   eager                   {seconds:8.4f} s  peak {peak:6.1f} GiB"
+        vae.decoder.compile()
+        started = time.perf_counter()
+        with torch.no_grad():
+            output = decode()
+        compile_s = time.perf_counter() - started
+        seconds, peak = timed(decode, device, repeats)
+        diff = (output - eager).abs().max().item() * 127.5  # [-1, 1] -> 0-255 levels
+        yield (f"  float32   torch.compile(decoder)  {seconds:8.4f} s  peak {peak:6.1f} GiB  "
+               f"first call {compile_s:.1f} s  max |diff| vs eager {diff:.3f} levels")
+        return
     for dtype in (torch.float32, torch.bfloat16):
         vae.to(dtype=dtype)
         for autotune in (False, True):
             torch.backends.cudnn.benchmark = autotune
-            seconds, peak = timed(lambda: vae.decode(latents.to(dtype), return_dict=False)[0], device, repeats)
-            rows.append(f"  {str(dtype).removeprefix('torch.'):9s} cudnn.benchmark={str(autotune):5s} "
-                        f"{seconds:8.4f} s  peak {peak:6.1f} GiB")
+            seconds, peak = timed(decode, device, repeats)
+            yield (f"  {str(dtype).removeprefix('torch.'):9s} cudnn.benchmark={str(autotune):5s} "
+                   f"{seconds:8.4f} s  peak {peak:6.1f} GiB")
     torch.backends.cudnn.benchmark = False
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", choices=("tiny", "1.3b", "14b"), help="default: tiny on CPU, 1.3b on CUDA")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--part", choices=("all", "attention", "vae"), default="all")
+    parser.add_argument("--part", choices=("all", "attention", "vae", "vae-compile"), default="all",
+                        help="all: attention and vae; vae-compile (slow: compiles the decoder) only when named")
     args = parser.parse_args(argv)
     device, dtype = resolve_device(args.device)
     config = args.config or ("1.3b" if device.type == "cuda" else "tiny")
@@ -173,12 +197,13 @@ def main(argv: list[str] | None = None) -> int:
           f"medians of {args.repeats} after one untimed call", flush=True)
     if args.part in ("all", "attention"):
         print("\n".join(attention_rows(transformer, size, device, dtype, args.repeats)), flush=True)
-    if args.part in ("all", "vae"):
+    if args.part != "attention":
         del transformer
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        print("\n".join(vae_rows(vae, size, device, args.repeats)), flush=True)
+        for row in vae_rows(vae, size, device, args.repeats, compiled=args.part == "vae-compile"):
+            print(row, flush=True)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Apply :class:`~inference.options.InferenceOptions` to a loaded Wan pipeline, once.
 
 Each option resolves ``auto`` against the device it runs on and reports what it chose, so
-logs and run statistics say what actually ran (e.g. ``attention_backend: _native_cudnn``).
+logs and run statistics say what actually ran (e.g. ``attention_backend: native``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from .options import InferenceOptions
 
 logger = logging.getLogger(__name__)
 
-# Tried in this order by attention_backend="auto" on CUDA: all exact (no quantisation).
-AUTO_CUDA_ATTENTION_BACKENDS = ("_flash_3", "flash", "_native_cudnn", "_native_flash")
+# Tried in this order by attention_backend="auto" on CUDA (all exact, no quantisation); when none
+# runs, "native": torch's SDPA picks its own kernel, which on an H200 with torch 2.11 was cuDNN's and
+# 3 % faster than diffusers' explicit "_native_cudnn" (0.63 against 0.65 s for one 1.3B forward at
+# 480x832x81; "_native_flash" 0.85 s; bench/parts.py, bench/README.md).
+AUTO_CUDA_ATTENTION_BACKENDS = ("_flash_3", "flash")
 # vae_tiling="auto" turns tiling on below this much free device memory after the load: a
 # float32 Wan VAE decode of 81 frames at 1280x720 peaks at roughly this much (estimate).
 VAE_TILING_AUTO_MIN_FREE_BYTES = 24 * 2**30

@@ -108,6 +108,16 @@ def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
 
 
+def video_to_uint8(video):
+    """A pipeline's ``output_type="pt"`` video ``(frames, 3, h, w)``, floats in [0, 1] on any device
+    -> uint8 ``(frames, h, w, 3)`` on that device. The same numbers :func:`frames_to_uint8` gives
+    for the ``"np"`` output (float32 multiply, round half to even, clip), without copying floats
+    to the host first."""
+    import torch
+
+    return (video.float() * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def generate_frames(
     pipe,
     request: GenerationRequest,
@@ -135,9 +145,10 @@ def generate_frames(
     own scheduler back and no adapter active, whatever the request chose.
 
     ``on_frames(chunk)`` receives, in order and in one or more uint8 chunks, exactly the frames
-    returned: each chunk as soon as the VAE has decoded it (one latent frame: 1 frame, then 4),
-    so that encoding can overlap decoding; with tiled decoding, all of them after the decode.
-    What it raises stops the run like ``on_step``.
+    returned: each chunk as the VAE decodes it (one latent frame: 1 frame, then 4), so that
+    encoding can overlap decoding; with tiled decoding, all of them after the decode. On CUDA a
+    chunk is handed on when the next one has been queued (its host copy runs meanwhile), so the
+    GPU never waits for the host. What it raises stops the run like ``on_step``.
     """
     from diffusers import WanImageToVideoPipeline
 
@@ -171,7 +182,7 @@ def generate_frames(
                 _release_failed_run(exc)
             raise
 
-    frames = frames_to_uint8(np.asarray(output.frames[0]))
+    frames = video_to_uint8(output.frames[0]).cpu().numpy()
     expected = (request.num_frames, kwargs["height"], kwargs["width"], 3)
     if frames.shape != expected:
         raise RuntimeError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
@@ -183,28 +194,49 @@ def generate_frames(
 @contextlib.contextmanager
 def _decoded_chunks(pipe, size: tuple[int, int], on_frames, streamed: list[np.ndarray]):
     """While active, each chunk ``pipe.vae.decoder`` returns goes through the pipeline's own
-    post-processing (the VAE's clamp, ``postprocess_video``) to ``on_frames`` as uint8, and onto
-    ``streamed``. Tiles of a tiled decode (smaller than ``size``) and patchified outputs are not
-    whole frames and are left alone."""
+    post-processing (the VAE's clamp, ``postprocess_video``) and :func:`video_to_uint8` on its
+    device, then to ``on_frames`` and onto ``streamed`` as a numpy array. Tiles of a tiled decode
+    (smaller than ``size``) and patchified outputs are not whole frames and are left alone.
+    CUDA chunks travel to pinned host memory asynchronously and are handed on one chunk late
+    (the last one when the block ends without an error)."""
     import torch
 
     vae = pipe.vae
     if on_frames is None or getattr(vae.config, "patch_size", None) is not None:
         yield
         return
+    copying: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # at most one: (host chunk, copy done)
 
-    def hand_on(module, args, output) -> None:
-        if tuple(output.shape[-2:]) != size:
-            return
-        with torch.no_grad():
-            pixels = pipe.video_processor.postprocess_video(torch.clamp(output, min=-1.0, max=1.0), output_type="np")
-        chunk = frames_to_uint8(np.asarray(pixels[0]))
+    def hand_on(chunk: np.ndarray) -> None:
         streamed.append(chunk)
         on_frames(chunk)
 
-    handle = vae.decoder.register_forward_hook(hand_on)
+    def hand_on_copied() -> None:
+        if copying:
+            host, copied = copying.pop()
+            copied.synchronize()
+            hand_on(host.numpy())
+
+    def on_decoded(module, args, output) -> None:
+        if tuple(output.shape[-2:]) != size:
+            return
+        with torch.no_grad():
+            pixels = pipe.video_processor.postprocess_video(torch.clamp(output, min=-1.0, max=1.0), output_type="pt")
+            chunk = video_to_uint8(pixels[0])
+        if chunk.device.type != "cuda":
+            hand_on(chunk.numpy())
+            return
+        host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
+        host.copy_(chunk, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        hand_on_copied()  # the previous chunk: its copy ran while this one was decoded
+        copying.append((host, copied))
+
+    handle = vae.decoder.register_forward_hook(on_decoded)
     try:
         yield
+        hand_on_copied()
     finally:
         handle.remove()
 
@@ -252,7 +284,7 @@ def _pipeline_kwargs(pipe, request: GenerationRequest, on_step: Callable[[int, i
         num_inference_steps=request.infer_steps,
         guidance_scale=request.guidance_scale,
         generator=torch.Generator("cpu").manual_seed(request.seed),
-        output_type="np",
+        output_type="pt",  # stays on the device: video_to_uint8 there, one uint8 copy to the host
         callback_on_step_end=step_callback if on_step is not None else None,
     )
     if request.image is not None:

@@ -6,7 +6,8 @@
 # (480x832x81, 4 steps, guidance 1): the default fast path, then the lossy speed options (FP8
 # compute, bfloat16 VAE); then bench/parts.py (attention backends, VAE decode variants). Each run's
 # output goes to $OUT/<name>.txt and to stdout; a run that fails or overruns its limit does not
-# stop the next, and all of them end within BUDGET_S (560) seconds of the start. BENCH_ARGS
+# stop the next, and all of them end within BUDGET_S (560) seconds of the start. RUNS picks other
+# runs (the case below: fast-bf16-vae and vae-compile too). BENCH_ARGS
 # replaces the config arguments (e.g. "--config tiny" to try the script on a CPU machine); PYTHON
 # picks the interpreter (default python3, the GPU image's).
 set -uo pipefail
@@ -39,13 +40,22 @@ bench() {  # bench NAME LIMIT_S SCRIPT [arguments]: LIMIT_S, or less if the dead
   echo "=== $name: exit $rc$( [ "$rc" = 124 ] && echo ", stopped at its ${limit} s limit")" | tee -a "$OUT/$name.txt"
   return "$rc"
 }
-# If the compiled fast path fails, a run without compile still gives the other figures.
-bench fast-path 210 bench/inference.py $BENCH_ARGS \
-  || bench fast-path-no-compile 110 bench/inference.py $BENCH_ARGS --option compile=off
-# Attention backends and VAE decode variants, one at a time (what the defaults should be).
-bench parts 120 bench/parts.py $BENCH_ARGS
-# The lossy speed options together: FP8 matmuls in the transformer blocks and a bfloat16 VAE.
+# RUNS names the runs, in order (default: the first GPU check's four); each ends by the deadline.
 speed="--option fp8=compute --option vae_dtype=bfloat16"
-bench speed 210 bench/inference.py $BENCH_ARGS $speed \
-  || bench speed-no-compile 110 bench/inference.py $BENCH_ARGS $speed --option compile=off
+for run in ${RUNS:-fast-path parts speed}; do
+  case $run in
+    # If the compiled fast path fails, a run without compile still gives the other figures.
+    fast-path) bench fast-path 210 bench/inference.py $BENCH_ARGS \
+        || bench fast-path-no-compile 110 bench/inference.py $BENCH_ARGS --option compile=off ;;
+    # The lossless fast path with a bfloat16 VAE, the one lossy option that moves the end to end.
+    fast-bf16-vae) bench fast-bf16-vae 210 bench/inference.py $BENCH_ARGS --option vae_dtype=bfloat16 ;;
+    # Attention backends and VAE decode variants, one at a time (what the defaults should be).
+    parts) bench parts 120 bench/parts.py $BENCH_ARGS ;;
+    vae-compile) bench vae-compile 300 bench/parts.py $BENCH_ARGS --part vae-compile ;;
+    # The lossy speed options together: FP8 matmuls in the transformer blocks and a bfloat16 VAE.
+    speed) bench speed 210 bench/inference.py $BENCH_ARGS $speed \
+        || bench speed-no-compile 110 bench/inference.py $BENCH_ARGS $speed --option compile=off ;;
+    *) echo "unknown run $run"; exit 2 ;;
+  esac
+done
 exit 0

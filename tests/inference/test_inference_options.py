@@ -166,19 +166,21 @@ def test_explicit_backend_that_cannot_run_here_fails_the_load(tiny_models, backe
         load_pipeline(tiny_models["t2v"], kind="t2v", device="cpu", options=InferenceOptions(attention_backend=backend))
 
 
-def test_auto_backend_on_cuda_picks_the_first_one_that_runs(monkeypatch):
+@pytest.mark.parametrize("usable, expected", [({"flash"}, "flash"), ({"_flash_3", "flash"}, "_flash_3"),
+                                               (set(), "native")])  # fmt: skip
+def test_auto_backend_on_cuda_picks_the_first_flash_attn_that_runs_else_torch_sdpa(monkeypatch, usable, expected):
     tried, chosen = [], []
 
     def runs(backend, device, dtype, head_dim):
         tried.append(backend)
-        return backend == "_native_cudnn"
+        return backend in usable
 
     monkeypatch.setattr(fastpath, "_attention_backend_runs", runs)
     monkeypatch.setattr(fastpath, "_set_attention_backend", lambda transformer, backend: chosen.append(backend))
     transformer = types.SimpleNamespace(config=types.SimpleNamespace(attention_head_dim=128), dtype=torch.bfloat16)
-    assert fastpath._apply_attention_backend(transformer, "auto", torch.device("cuda")) == "_native_cudnn"
-    assert tried == ["_flash_3", "flash", "_native_cudnn"]  # never sage: it quantises
-    assert chosen == ["_native_cudnn"]
+    assert fastpath._apply_attention_backend(transformer, "auto", torch.device("cuda")) == expected
+    assert tried == ["_flash_3", "flash"][: ["_flash_3", "flash"].index(expected) + 1 if usable else 2]  # never sage
+    assert chosen == ([] if expected == "native" else [expected])  # native: diffusers' default is left alone
 
 
 def test_setting_a_backend_leaves_the_process_default_alone(tiny_models):
