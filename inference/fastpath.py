@@ -109,6 +109,13 @@ def _set_attention_backend(transformer, backend: str) -> None:
         _AttentionBackendRegistry.set_active_backend(process_default)
 
 
+def component_dtypes(dtype: torch.dtype, options: InferenceOptions) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s per-component ``dtype``: ``dtype`` for every component but the VAE,
+    which is read in ``options.vae_dtype``, so that a float32 VAE is never rounded to the
+    pipeline's bfloat16 on the way (``_apply_vae_dtype`` then has nothing to change)."""
+    return {"default": dtype, "vae": _VAE_DTYPES[options.vae_dtype]}
+
+
 def _apply_vae_dtype(vae, choice: str) -> str:
     dtype = _VAE_DTYPES[choice]
     if vae.dtype != dtype:

@@ -229,7 +229,7 @@ def _decoded_chunks(pipe, size: tuple[int, int], on_frames, streamed: list[np.nd
         host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
         host.copy_(chunk, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(chunk.device))  # the copy's stream, whichever device is current
         hand_on_copied()  # the previous chunk: its copy ran while this one was decoded
         copying.append((host, copied))
 

@@ -138,7 +138,8 @@ def load_pipeline(
 
     ``kind`` is ``"t2v"`` (``diffusers.WanPipeline``) or ``"i2v"``
     (``diffusers.WanImageToVideoPipeline``). The pipeline is loaded in the dtype that
-    :func:`resolve_device` picks, moved to the device, has its progress bar disabled, gets
+    :func:`resolve_device` picks, except the VAE, which is read straight into
+    ``options.vae_dtype`` (a float32 checkpoint's VAE keeps its exact weights), moved to the device, has its progress bar disabled, gets
     ``options`` applied (default: ``InferenceOptions()``; see :func:`applied_options`) and a
     prompt-embedding cache of ``options.text_cache_size``. Later calls with the same resolved
     path, kind, device and options return the same object; different options load another copy.
@@ -166,14 +167,14 @@ def load_pipeline(
 
         import diffusers
 
-        from .fastpath import OptionNotUsable, apply_options
+        from .fastpath import OptionNotUsable, apply_options, component_dtypes
 
         if kind == "i2v":
             patch_wan_i2v_without_ftfy()
         pipeline_class = getattr(diffusers, PIPELINE_CLASS_NAMES[kind])
         started = time.monotonic()
         try:
-            pipe = pipeline_class.from_pretrained(path, dtype=dtype)
+            pipe = pipeline_class.from_pretrained(path, dtype=component_dtypes(dtype, options))
         except Exception as exc:
             raise ModelLoadError(f"failed to load {kind} pipeline from {path}: {exc}") from exc
         _load_count += 1

@@ -41,3 +41,17 @@ def test_real_configs_build_on_the_meta_device_without_allocating(bench, capsys,
 def test_real_config_without_cuda_is_refused_unless_dry_run(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--config", "1.3b", "--device", "cpu"])
+
+
+def test_parts_benchmark_times_every_usable_attention_backend_and_vae_variant(capsys):
+    spec = importlib.util.spec_from_file_location("bench_parts", BENCH_FILE.parent / "parts.py")
+    parts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parts)
+    assert parts.main(["--config", "tiny", "--device", "cpu", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    native = next(line for line in lines if line.strip().startswith("native "))
+    assert "TFLOP/s" in native and native.endswith("max |diff| vs native 0.0000")
+    assert any(line.strip() == "flash                not usable here" for line in lines)  # no flash-attn here
+    vae = [line for line in lines if "cudnn.benchmark=" in line]
+    assert [line.split()[:2] for line in vae] == [["float32", "cudnn.benchmark=False"], ["float32", "cudnn.benchmark=True"],
+                                                  ["bfloat16", "cudnn.benchmark=False"], ["bfloat16", "cudnn.benchmark=True"]]

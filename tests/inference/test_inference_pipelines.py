@@ -132,3 +132,21 @@ def test_the_package_shortens_libgomp_spinning_unless_the_operator_chose(operato
     result = subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root, env={**env, **operator_env},
                             capture_output=True, text=True)  # fmt: skip
     assert result.stdout.strip() == str(expected)
+
+
+def test_a_bfloat16_pipeline_reads_its_float32_vae_without_rounding_it(tiny_models, monkeypatch):
+    """On CUDA the pipeline loads in bfloat16; the VAE must keep the checkpoint's float32 weights
+    (options.vae_dtype), not bfloat16-rounded ones cast back up. Simulated on the CPU in bfloat16."""
+    from diffusers import AutoencoderKLWan
+
+    from inference.options import InferenceOptions
+
+    monkeypatch.setattr(pipelines, "resolve_device", lambda preference: (torch.device("cpu"), torch.bfloat16))
+    monkeypatch.setattr(pipelines, "_cache", {})  # this bfloat16 CPU pipe must not serve later tests
+    pipe = load_pipeline(tiny_models["t2v"], kind="t2v", device="cpu", options=InferenceOptions())
+    stored = AutoencoderKLWan.from_pretrained(tiny_models["t2v"] / "vae", dtype=torch.float32).state_dict()
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
+    loaded = pipe.vae.state_dict()
+    assert stored.keys() == loaded.keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in stored.items())
+    assert any(not torch.equal(tensor.bfloat16().float(), tensor) for tensor in stored.values())  # rounding shows
