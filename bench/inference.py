@@ -13,8 +13,9 @@ Configs: ``tiny`` (default on CPU) is ``inference.tiny.build_tiny_models`` in a 
 with ``from_pretrained`` (a) and ``load_pipeline`` (b); size 64x64x17. ``1.3b`` (default on CUDA)
 and ``14b`` are random-weight components with the real Wan2.1 shapes, built straight on the GPU
 in bfloat16 with a float32 VAE, the setup diffusers' Wan2.1 documentation gives (the tiny
-tokenizer is enough: its ids are valid for the real vocabulary); size 480x832x81. They share one set of modules: (a) runs first, then the fast path is applied to the
-same pipeline for (b). Random weights give meaningless pictures but real compute and memory.
+tokenizer is enough: its ids are valid for the real vocabulary); size 480x832x81. They share one
+set of modules: (a) runs first, then the fast path is applied to the same pipeline for (b).
+Random weights give meaningless pictures but real compute and memory.
 
 How stages are timed: hooks on the pipeline's own modules, so both runs go through their normal
 code path. A forward pre-/post-hook pair on ``text_encoder`` times text encoding; a pre-hook on

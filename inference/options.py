@@ -31,8 +31,8 @@ class InferenceOptions:
     ``attention_backend`` [auto | native | _native_cudnn | _native_flash | _flash_3 | flash | sage]:
         diffusers attention backend of the transformer. ``auto``: on CUDA the first that runs
         on the device of flash-attn 3 and flash-attn 2, else native (torch SDPA's own choice: cuDNN
-        on Hopper); on CPU native. ``sage`` (int8 Q/K) is never chosen by ``auto`` because it changes the output.
-        An explicit backend that cannot run fails the load.
+        on Hopper); on CPU native. ``sage`` (int8 Q/K) is never chosen by ``auto`` because it
+        changes the output. An explicit backend that cannot run fails the load.
     ``compile`` [auto | on | off]: regional ``torch.compile`` of the repeated transformer blocks
         (``compile_repeated_blocks(fullgraph=True)``). ``None`` (auto): on for CUDA when triton is
         importable, off on CPU. The first call per input shape compiles (tens of seconds); call

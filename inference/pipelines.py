@@ -139,9 +139,10 @@ def load_pipeline(
     ``kind`` is ``"t2v"`` (``diffusers.WanPipeline``) or ``"i2v"``
     (``diffusers.WanImageToVideoPipeline``). The pipeline is loaded in the dtype that
     :func:`resolve_device` picks, except the VAE, which is read straight into
-    ``options.vae_dtype`` (a float32 checkpoint's VAE keeps its exact weights), moved to the device, has its progress bar disabled, gets
-    ``options`` applied (default: ``InferenceOptions()``; see :func:`applied_options`) and a
-    prompt-embedding cache of ``options.text_cache_size``. Later calls with the same resolved
+    ``options.vae_dtype`` (a float32 checkpoint's VAE keeps its exact weights); it is moved to
+    the device, has its progress bar disabled, gets ``options`` applied (default:
+    ``InferenceOptions()``; see :func:`applied_options`) and a prompt-embedding cache of
+    ``options.text_cache_size``. Later calls with the same resolved
     path, kind, device and options return the same object; different options load another copy.
     Raises ``ModelLoadError`` (naming the path) when the directory is missing, holds another
     pipeline class, fails to load, CUDA is requested but unavailable, or an explicit option

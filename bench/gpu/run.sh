@@ -7,9 +7,9 @@
 # compute, bfloat16 VAE); then bench/parts.py (attention backends, VAE decode variants). Each run's
 # output goes to $OUT/<name>.txt and to stdout; a run that fails or overruns its limit does not
 # stop the next, and all of them end within BUDGET_S (560) seconds of the start. RUNS picks other
-# runs (the case below: fast-bf16-vae and vae-compile too). BENCH_ARGS
-# replaces the config arguments (e.g. "--config tiny" to try the script on a CPU machine); PYTHON
-# picks the interpreter (default python3, the GPU image's).
+# runs (the case below: fast-bf16-vae and vae-compile too). BENCH_ARGS replaces the config
+# arguments (e.g. "--config tiny" to try the script on a CPU machine); PYTHON picks the
+# interpreter (default python3, the GPU image's).
 set -uo pipefail
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-560} ))  # every run ends by then: inside timeout_s=590
 cd "$(dirname "$0")/../.."
@@ -40,7 +40,7 @@ bench() {  # bench NAME LIMIT_S SCRIPT [arguments]: LIMIT_S, or less if the dead
   echo "=== $name: exit $rc$( [ "$rc" = 124 ] && echo ", stopped at its ${limit} s limit")" | tee -a "$OUT/$name.txt"
   return "$rc"
 }
-# RUNS names the runs, in order (default: the first GPU check's four); each ends by the deadline.
+# RUNS names the runs, in order (default: fast-path parts speed); each ends by the deadline.
 speed="--option fp8=compute --option vae_dtype=bfloat16"
 for run in ${RUNS:-fast-path parts speed}; do
   case $run in
