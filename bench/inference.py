@@ -123,30 +123,46 @@ def default_dtype(dtype: torch.dtype):
 
 
 def build_random_components(config: str, device: torch.device, dtype: torch.dtype) -> dict:
-    """Real-size Wan2.1 T2V components with random weights, allocated on ``device`` in ``dtype``.
+    """Real-size Wan2.1 T2V components with random weights, allocated on ``device`` in ``dtype``,
+    except the VAE (see :func:`build_random_vae`).
 
     Built under ``torch.device(device)`` so weights are created where they live (``meta``:
-    shapes only, nothing allocated); minutes on CPU, seconds on a GPU. The VAE is float32, as
-    diffusers' Wan2.1 documentation loads it beside a bfloat16 pipeline (and as the fast path's
-    default ``vae_dtype`` keeps it); on ``meta`` it takes ``dtype`` like the rest.
+    shapes only, nothing allocated); minutes on CPU, seconds on a GPU.
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler
     from transformers import UMT5Config, UMT5EncoderModel
 
     from inference.tiny import build_tiny_tokenizer
+
+    with torch.device(device), default_dtype(dtype):
+        text_encoder = UMT5EncoderModel(UMT5Config(**TEXT_ENCODER_CONFIG)).eval()  # eval: no dropout
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return dict(tokenizer=build_tiny_tokenizer(), text_encoder=text_encoder, vae=build_random_vae(device),
+                transformer=build_random_transformer(config, device, dtype), scheduler=scheduler)
+
+
+def build_random_transformer(config: str, device: torch.device, dtype: torch.dtype):
+    """The ``config``'s Wan2.1 transformer with random weights on ``device``: ``dtype``, except
+    what ``from_pretrained`` would keep in float32."""
+    from diffusers import WanTransformer3DModel
 
     with torch.device(device), default_dtype(dtype):
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
             cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **TRANSFORMER_SHAPES[config],
         )
-        text_encoder = UMT5EncoderModel(UMT5Config(**TEXT_ENCODER_CONFIG)).eval()  # eval: no dropout
-    with torch.device(device):
-        vae = AutoencoderKLWan().to(torch.float32 if device.type != "meta" else dtype)
     keep_float32_like_from_pretrained(transformer)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return dict(tokenizer=build_tiny_tokenizer(), text_encoder=text_encoder, vae=vae,
-                transformer=transformer, scheduler=scheduler)
+    return transformer
+
+
+def build_random_vae(device: torch.device):
+    """The Wan2.1 VAE with random weights on ``device``, in float32: as diffusers' Wan2.1
+    documentation loads it beside a bfloat16 pipeline, and as the fast path's default
+    ``vae_dtype`` keeps it."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device(device):
+        return AutoencoderKLWan()
 
 
 def keep_float32_like_from_pretrained(model) -> None:

@@ -39,34 +39,20 @@ TEXT_TOKENS = 512
 LATENT_CHANNELS = 16
 
 
-def _bench_inference():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_inference", REPO_ROOT / "bench" / "inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_transformer_and_vae(config: str, device: torch.device, dtype: torch.dtype):
-    """(transformer, vae, (height, width, frames)) with the config's shapes and random weights."""
+    """(transformer in ``dtype``, float32 vae, (height, width, frames)) with the config's shapes
+    and random weights."""
     if config == "tiny":
         from inference.tiny import _build_components
 
         with torch.device(device):
             components = _build_components("t2v")
-        return components["transformer"].to(dtype), components["vae"].to(dtype), (64, 64, 17)
-    bench = _bench_inference()
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        return components["transformer"].to(dtype), components["vae"], (64, 64, 17)
+    import bench.inference as bench_inference
 
-    with torch.device(device), bench.default_dtype(dtype):
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **bench.TRANSFORMER_SHAPES[config],
-        )
-        vae = AutoencoderKLWan()
-    bench.keep_float32_like_from_pretrained(transformer)
-    return transformer.eval(), vae.eval(), bench.DEFAULT_SIZES[config]
+    transformer = bench_inference.build_random_transformer(config, device, dtype)
+    vae = bench_inference.build_random_vae(device)
+    return transformer.eval(), vae.eval(), bench_inference.DEFAULT_SIZES[config]
 
 
 def transformer_flop(transformer, tokens: int) -> float:

@@ -142,8 +142,8 @@ def load_pipeline(
     ``options.vae_dtype`` (a float32 checkpoint's VAE keeps its exact weights); it is moved to
     the device, has its progress bar disabled, gets ``options`` applied (default:
     ``InferenceOptions()``; see :func:`applied_options`) and a prompt-embedding cache of
-    ``options.text_cache_size``. Later calls with the same resolved
-    path, kind, device and options return the same object; different options load another copy.
+    ``options.text_cache_size``. Later calls with the same resolved path, kind, device and
+    options return the same object; different options load another copy.
     Raises ``ModelLoadError`` (naming the path) when the directory is missing, holds another
     pipeline class, fails to load, CUDA is requested but unavailable, or an explicit option
     cannot run on the device; ``ValueError`` for an unknown ``kind`` or ``device``.
