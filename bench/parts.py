@@ -1,13 +1,16 @@
 """Time the two big GPU parts of one Wan2.1 request, one variant at a time, to choose defaults.
 
     python bench/parts.py [--config tiny|1.3b|14b] [--device auto|cpu|cuda] [--repeats N]
+                          [--part all|attention|vae|vae-compile|vae-variants] [--profile]
 
 (1) One transformer forward (one denoising step, no CFG) per attention backend that runs here
     (``native`` = torch SDPA's own choice, ``_native_cudnn``, ``_native_flash``,
     ``_native_efficient``, and ``flash`` / ``_flash_3`` / ``sage`` when installed), uncompiled.
 (2) One VAE decode of the request's latents in float32 and bfloat16, each with cuDNN autotuning
     (``torch.backends.cudnn.benchmark``) off and on; with ``--part vae-compile`` instead, float32
-    eager against ``torch.compile`` of the decoder.
+    eager against ``torch.compile`` of the decoder; with ``--part vae-variants``, stock against
+    :func:`inference.vae_speed.speed_up_decoder`'s changes one at a time and together, in both
+    dtypes, with each one's largest pixel difference (``--profile``: and the top CUDA kernels).
 
 Random weights with the real shapes (``bench/inference.py``'s builders; the text encoder is not
 needed: random prompt embeddings of its width stand in), random latents of the request's size
@@ -166,19 +169,91 @@ def vae_rows(vae, size, device, repeats: int, *, compiled: bool = False):
     torch.backends.cudnn.benchmark = False
 
 
+VAE_VARIANTS = (  # (name, speed_up_decoder keyword arguments); the first is the reference
+    ("stock", None),
+    ("channels_last", dict(channels_last=True, lean_ops=False)),
+    ("lean_ops", dict(channels_last=False, lean_ops=True)),
+    ("channels_last+lean_ops", dict(channels_last=True, lean_ops=True)),
+)
+
+
+def vae_variant_rows(vae, size, device, repeats: int, profile: bool = False):
+    """Yield rows timing :func:`inference.vae_speed.speed_up_decoder`'s variants on copies of
+    ``vae`` in float32 and bfloat16, each with its largest pixel difference from the stock
+    float32 decode (0-255 levels); ``profile``: then the top kernels of the stock and the fastest
+    variant's decode in each dtype (torch.profiler, one decode each)."""
+    import copy
+
+    from inference.vae_speed import speed_up_decoder
+
+    height, width, frames = size
+    latent_shape = (1, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
+    latents = torch.randn(latent_shape, generator=torch.Generator(device).manual_seed(0), device=device)
+    yield f"VAE decode variants (inference/vae_speed.py) of {tuple(latent_shape)} latents -> {frames}x{height}x{width}"
+    reference = None
+    for dtype in (torch.float32, torch.bfloat16):
+        fastest = None
+        for name, changes in VAE_VARIANTS:
+            variant = copy.deepcopy(vae).to(dtype=dtype)
+            if changes is not None:
+                speed_up_decoder(variant, **changes)
+
+            def decode(variant=variant):
+                return variant.decode(latents.to(dtype), return_dict=False)[0]
+
+            try:
+                seconds, peak = timed(decode, device, repeats)
+                with torch.no_grad():
+                    output = decode().float()
+            except Exception as exc:  # noqa: BLE001 - a variant that fails is a row
+                yield f"  {str(dtype).removeprefix('torch.'):9s} {name:40s} failed: {type(exc).__name__}: {str(exc)[:160]}"
+                continue
+            reference = output if reference is None else reference
+            diff = (output - reference).abs().max().item() * 127.5
+            yield (f"  {str(dtype).removeprefix('torch.'):9s} {name:40s} {seconds:8.4f} s  peak {peak:6.1f} GiB  "
+                   f"max |diff| vs float32 stock {diff:.3f} levels")
+            if fastest is None or seconds < fastest[0]:
+                fastest = (seconds, name, decode)
+            if name == "stock":
+                stock_decode = decode
+            del output
+        if profile and device.type == "cuda":
+            for name, decode in (("stock", stock_decode), (fastest[1], fastest[2])):
+                yield f"  profile, {str(dtype).removeprefix('torch.')} {name}:"
+                yield from _profile_rows(decode)
+        del variant
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+
+
+def _profile_rows(fn, limit: int = 14):
+    """The ``limit`` kernels with the most device time in one call of ``fn``, as table rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=limit, max_name_column_width=70)
+    for line in table.splitlines():
+        yield "    " + line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=("tiny", "1.3b", "14b"), help="default: tiny on CPU, 1.3b on CUDA")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--part", choices=("all", "attention", "vae", "vae-compile"), default="all",
+    parser.add_argument("--part", choices=("all", "attention", "vae", "vae-compile", "vae-variants"), default="all",
                         help="all: attention and vae; vae-compile (slow: compiles the decoder) only when named")
+    parser.add_argument("--profile", action="store_true", help="vae-variants: also the top kernels (CUDA)")
     args = parser.parse_args(argv)
     device, dtype = resolve_device(args.device)
     config = args.config or ("1.3b" if device.type == "cuda" else "tiny")
     if config != "tiny" and device.type != "cuda":
         parser.error(f"--config {config} needs a CUDA device")
     transformer, vae, size = build_transformer_and_vae(config, device, dtype)
+    if args.part in ("vae-variants", "vae-compile"):
+        transformer = None  # not needed: free its memory before the decodes
     print(f"Wan2.1 {config} parts on {device} ({str(dtype).removeprefix('torch.')}), "
           f"medians of {args.repeats} after one untimed call", flush=True)
     if args.part in ("all", "attention"):
@@ -188,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        for row in vae_rows(vae, size, device, args.repeats, compiled=args.part == "vae-compile"):
+        if args.part == "vae-variants":
+            rows = vae_variant_rows(vae, size, device, args.repeats, profile=args.profile)
+        else:
+            rows = vae_rows(vae, size, device, args.repeats, compiled=args.part == "vae-compile")
+        for row in rows:
             print(row, flush=True)
     return 0
 

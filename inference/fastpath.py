@@ -49,6 +49,7 @@ def apply_options(pipe, options: InferenceOptions, device: torch.device) -> dict
     applied["attention_backend"] = _apply_attention_backend(transformer, options.attention_backend, device)
     applied["vae_dtype"] = _apply_vae_dtype(pipe.vae, options.vae_dtype)
     applied["vae_tiling"] = _apply_vae_tiling(pipe.vae, options.vae_tiling, device)
+    applied["vae_decode"] = _apply_vae_decode(pipe.vae, options.vae_decode, device)
     applied["cache"] = _apply_cache(transformer, options)
     applied["fp8"] = _apply_fp8(transformer, options.fp8, device)
     # Compile last: it wraps blocks whose attention backend and cache hooks are now final.
@@ -131,6 +132,16 @@ def _apply_vae_tiling(vae, choice: str, device: torch.device) -> str:
     if enabled:
         vae.enable_tiling()
     return "on" if enabled else "off"
+
+
+def _apply_vae_decode(vae, choice: str, device: torch.device) -> str:
+    if choice == "auto":
+        choice = "fast" if device.type == "cuda" else "stock"  # stock on CPU: identical frames
+    if choice == "fast":
+        from .vae_speed import speed_up_decoder
+
+        speed_up_decoder(vae)
+    return choice
 
 
 def _free_device_bytes(device: torch.device) -> int:

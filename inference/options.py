@@ -16,6 +16,7 @@ ATTENTION_BACKENDS = ("auto", "native", "_native_cudnn", "_native_flash", "_flas
 CACHE_KINDS = ("none", "first_block", "taylorseer")
 VAE_TILING_MODES = ("auto", "on", "off")
 VAE_DTYPES = ("float32", "bfloat16", "float16")
+VAE_DECODE_MODES = ("auto", "fast", "stock")
 FP8_MODES = ("off", "storage", "compute")
 
 _TRUE_WORDS = ("on", "1", "true", "yes")
@@ -44,6 +45,9 @@ class InferenceOptions:
         on only when the CUDA device has little free memory after the load.
     ``vae_dtype`` [float32 | bfloat16 | float16]: VAE weights dtype. float32 is what diffusers
         recommends for the Wan VAE; bfloat16 is faster on GPUs and what the rest of the model uses.
+    ``vae_decode`` [auto | fast | stock]: ``fast`` decodes with :mod:`inference.vae_speed`
+        (channels-last convolutions, fewer memory passes; the same frames within float rounding),
+        ``stock`` with diffusers' code as it is; ``auto``: fast on CUDA, stock on CPU.
     ``text_cache_size`` [int >= 0]: prompt embeddings kept per pipeline (LRU); 0 disables.
     ``fp8`` [off | storage | compute]: FP8 (e4m3) weights for the transformer. Lossy, so off by
         default. ``storage``: weights kept in FP8 and cast up layer by layer for the computation
@@ -63,6 +67,7 @@ class InferenceOptions:
     cache_threshold: float = 0.05
     vae_tiling: str = "auto"
     vae_dtype: str = "float32"
+    vae_decode: str = "auto"
     text_cache_size: int = 32
     fp8: str = "off"
 
@@ -76,6 +81,7 @@ class InferenceOptions:
             raise ValueError(f"cache_threshold must be a number > 0, got {self.cache_threshold!r}")
         _check_choice("vae_tiling", self.vae_tiling, VAE_TILING_MODES)
         _check_choice("vae_dtype", self.vae_dtype, VAE_DTYPES)
+        _check_choice("vae_decode", self.vae_decode, VAE_DECODE_MODES)
         if isinstance(self.text_cache_size, bool) or not isinstance(self.text_cache_size, int) \
                 or self.text_cache_size < 0:
             raise ValueError(f"text_cache_size must be an integer >= 0, got {self.text_cache_size!r}")

@@ -149,7 +149,7 @@ LIGHTX2V_I2V_MODEL_PATH = os.environ.get("LIGHTX2V_I2V_MODEL_PATH", "")  # Wan2.
 LIGHTX2V_DEVICE = os.environ.get("LIGHTX2V_DEVICE", "auto")  # auto | cpu | cuda | cuda:N
 # Speed options of the loaded pipeline (inference/options.py documents each value), validated here so a
 # typo stops start-up: LIGHTX2V_ATTENTION_BACKEND, _COMPILE, _CACHE, _CACHE_THRESHOLD, _VAE_TILING,
-# _VAE_DTYPE, _TEXT_CACHE_SIZE.
+# _VAE_DTYPE, _VAE_DECODE, _TEXT_CACHE_SIZE, _FP8.
 try:
     LIGHTX2V_INFERENCE_OPTIONS = InferenceOptions.from_strings(
         {name: os.environ.get(f"LIGHTX2V_{name.upper()}", "") for name in OPTION_NAMES}

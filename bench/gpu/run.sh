@@ -52,6 +52,9 @@ for run in ${RUNS:-fast-path parts speed}; do
     # Attention backends and VAE decode variants, one at a time (what the defaults should be).
     parts) bench parts 120 bench/parts.py $BENCH_ARGS ;;
     vae-compile) bench vae-compile 300 bench/parts.py $BENCH_ARGS --part vae-compile ;;
+    # inference/vae_speed.py's changes one by one, float32 and bfloat16 (vae-profile: and the top kernels).
+    vae-variants) bench vae-variants 240 bench/parts.py $BENCH_ARGS --part vae-variants ;;
+    vae-profile) bench vae-profile 240 bench/parts.py $BENCH_ARGS --part vae-variants --profile ;;
     # The lossy speed options together: FP8 matmuls in the transformer blocks and a bfloat16 VAE.
     speed) bench speed 210 bench/inference.py $BENCH_ARGS $speed \
         || bench speed-no-compile 110 bench/inference.py $BENCH_ARGS $speed --option compile=off ;;

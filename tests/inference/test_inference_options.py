@@ -20,24 +20,24 @@ def test_defaults_are_the_lossless_choices():
     options = InferenceOptions()
     assert options.as_strings() == {
         "attention_backend": "auto", "compile": "auto", "cache": "none", "cache_threshold": "0.05",
-        "vae_tiling": "auto", "vae_dtype": "float32", "text_cache_size": "32", "fp8": "off",
+        "vae_tiling": "auto", "vae_dtype": "float32", "vae_decode": "auto", "text_cache_size": "32", "fp8": "off",
     }
 
 
 def test_option_names_list_every_field_for_settings_code():
     assert OPTION_NAMES == ("attention_backend", "compile", "cache", "cache_threshold", "vae_tiling", "vae_dtype",
-                            "text_cache_size", "fp8")
+                            "vae_decode", "text_cache_size", "fp8")
 
 
 def test_from_strings_parses_every_field_trimmed_and_case_insensitive():
     options = InferenceOptions.from_strings({
         "attention_backend": " _Native_CUDNN ", "compile": "ON", "cache": "first_block",
-        "cache_threshold": "0.1", "vae_tiling": "off", "vae_dtype": "bfloat16", "text_cache_size": "0",
-        "fp8": " Storage",
+        "cache_threshold": "0.1", "vae_tiling": "off", "vae_dtype": "bfloat16", "vae_decode": "Fast ",
+        "text_cache_size": "0", "fp8": " Storage",
     })
     assert options == InferenceOptions(
         attention_backend="_native_cudnn", compile=True, cache="first_block", cache_threshold=0.1,
-        vae_tiling="off", vae_dtype="bfloat16", text_cache_size=0, fp8="storage",
+        vae_tiling="off", vae_dtype="bfloat16", vae_decode="fast", text_cache_size=0, fp8="storage",
     )
 
 
@@ -67,6 +67,7 @@ def test_as_strings_round_trips_through_from_strings():
         ({"cache_threshold": "0"}, "cache_threshold must be a number > 0"),
         ({"vae_tiling": "sometimes"}, "vae_tiling must be one of"),
         ({"vae_dtype": "fp8"}, "vae_dtype must be one of"),
+        ({"vae_decode": "faster"}, "vae_decode must be one of"),
         ({"text_cache_size": "many"}, "text_cache_size must be an integer"),
         ({"text_cache_size": "-1"}, "text_cache_size must be an integer >= 0"),
         ({"text_cache_size": 3}, "must be given as a string"),
@@ -86,7 +87,7 @@ def test_direct_construction_is_validated_too():
 def test_default_options_leave_a_cpu_pipeline_as_loaded(t2v_pipe):
     assert applied_options(t2v_pipe) == {
         "attention_backend": "native", "compile": "off", "cache": "none", "cache_threshold": "0.05",
-        "vae_tiling": "off", "vae_dtype": "float32", "text_cache_size": "32", "fp8": "off",
+        "vae_tiling": "off", "vae_dtype": "float32", "vae_decode": "stock", "text_cache_size": "32", "fp8": "off",
     }
     assert t2v_pipe.vae.dtype == torch.float32
     assert not t2v_pipe.vae.use_tiling
