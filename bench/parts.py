@@ -9,8 +9,9 @@
 (2) One VAE decode of the request's latents in float32 and bfloat16, each with cuDNN autotuning
     (``torch.backends.cudnn.benchmark``) off and on; with ``--part vae-compile`` instead, float32
     eager against ``torch.compile`` of the decoder; with ``--part vae-variants``, stock against
-    :func:`inference.vae_speed.speed_up_decoder`'s changes one at a time and together, in both
-    dtypes, with each one's largest pixel difference (``--profile``: and the top CUDA kernels).
+    :func:`inference.vae_speed.speed_up_decoder`'s changes one at a time and together, in float32,
+    bfloat16 and float16, with each one's largest pixel difference (``--profile``: and the top CUDA
+    kernels).
 
 Random weights with the real shapes (``bench/inference.py``'s builders; the text encoder is not
 needed: random prompt embeddings of its width stand in), random latents of the request's size
@@ -179,9 +180,10 @@ VAE_VARIANTS = (  # (name, speed_up_decoder keyword arguments); the first is the
 
 def vae_variant_rows(vae, size, device, repeats: int, profile: bool = False):
     """Yield rows timing :func:`inference.vae_speed.speed_up_decoder`'s variants on copies of
-    ``vae`` in float32 and bfloat16, each with its largest pixel difference from the stock
-    float32 decode (0-255 levels); ``profile``: then the top kernels of the stock and the fastest
-    variant's decode in each dtype (torch.profiler, one decode each)."""
+    ``vae`` in float32, bfloat16 and float16 (10 mantissa bits to bfloat16's 7: nearer float32
+    at bfloat16's speed, unless activations overflow), each with its largest pixel difference
+    from the stock float32 decode (0-255 levels); ``profile``: then the top kernels of the stock
+    and the fastest variant's decode in each dtype (torch.profiler, one decode each)."""
     import copy
 
     from inference.vae_speed import speed_up_decoder
@@ -191,7 +193,7 @@ def vae_variant_rows(vae, size, device, repeats: int, profile: bool = False):
     latents = torch.randn(latent_shape, generator=torch.Generator(device).manual_seed(0), device=device)
     yield f"VAE decode variants (inference/vae_speed.py) of {tuple(latent_shape)} latents -> {frames}x{height}x{width}"
     reference = None
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         fastest = None
         for name, changes in VAE_VARIANTS:
             variant = copy.deepcopy(vae).to(dtype=dtype)

@@ -22,6 +22,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+NORM_EPS = 1e-12  # F.normalize's: x / max(norm, eps)
+
 
 def speed_up_decoder(vae, *, channels_last: bool = True, lean_ops: bool = True) -> None:
     """Apply the chosen changes to ``vae`` (an ``AutoencoderKLWan``). Decoding and encoding
@@ -55,9 +57,12 @@ def _causal_conv_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = N
 def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``WanRMS_norm.forward`` (``F.normalize`` over channels, times scale and gamma, plus bias) in
     three passes: the norm (accumulated in float32), one multiply by scale / norm, one by gamma in
-    place."""
+    place. Where ``x.dtype`` cannot hold scale / eps (float16: an all-zero position would give
+    0 * inf = NaN), diffusers' own forward."""
+    if torch.finfo(x.dtype).max < self.scale / NORM_EPS:
+        return type(self).forward(self, x)
     norm = torch.linalg.vector_norm(x, dim=1 if self.channel_first else -1, keepdim=True, dtype=torch.float32)
-    out = x * (self.scale / norm.clamp_min(1e-12)).to(x.dtype)
+    out = x * (self.scale / norm.clamp_min(NORM_EPS)).to(x.dtype)
     out.mul_(self.gamma)
     if isinstance(self.bias, torch.Tensor):
         out.add_(self.bias)

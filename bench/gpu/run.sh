@@ -49,10 +49,12 @@ for run in ${RUNS:-fast-path parts speed}; do
         || bench fast-path-no-compile 110 bench/inference.py $BENCH_ARGS --option compile=off ;;
     # The lossless fast path with a bfloat16 VAE, the one lossy option that moves the end to end.
     fast-bf16-vae) bench fast-bf16-vae 210 bench/inference.py $BENCH_ARGS --option vae_dtype=bfloat16 ;;
+    # float16: more mantissa than bfloat16 at the same speed; random weights cannot show overflow.
+    fast-fp16-vae) bench fast-fp16-vae 210 bench/inference.py $BENCH_ARGS --option vae_dtype=float16 ;;
     # Attention backends and VAE decode variants, one at a time (what the defaults should be).
     parts) bench parts 120 bench/parts.py $BENCH_ARGS ;;
     vae-compile) bench vae-compile 300 bench/parts.py $BENCH_ARGS --part vae-compile ;;
-    # inference/vae_speed.py's changes one by one, float32 and bfloat16 (vae-profile: and the top kernels).
+    # inference/vae_speed.py's changes one by one, float32, bfloat16, float16 (vae-profile: and the top kernels).
     vae-variants) bench vae-variants 240 bench/parts.py $BENCH_ARGS --part vae-variants ;;
     vae-profile) bench vae-profile 240 bench/parts.py $BENCH_ARGS --part vae-variants --profile ;;
     # The lossy speed options together: FP8 matmuls in the transformer blocks and a bfloat16 VAE.

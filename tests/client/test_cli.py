@@ -61,10 +61,11 @@ def test_generate_t2v_and_i2v_then_status_download_and_ctrl_c_cancels(workers, l
     assert download.returncode == 0, download.stderr
     assert again.read_bytes() == i2v_out.read_bytes()
 
-    # A long task: the bar shows steps and an ETA; Ctrl-C cancels it on the server, exit 130.
+    # A long task: the bar shows steps and an ETA; Ctrl-C cancels it on the server, exit 130. Eight
+    # fragments make it long enough (~25 s) that a slow reader still interrupts it while it runs.
     long_run = start_cli(
         server, token, "generate", "--prompt", "long", "--height", "256", "--width", "256", "--duration", "3",
-        "--steps", "50", "--poll-interval", "0.05", "--out", str(tmp_path / "never.mp4"),
+        "--steps", "50", "--fragments", "8", "--poll-interval", "0.05", "--out", str(tmp_path / "never.mp4"),
     )  # fmt: skip
     lines = []
     for line in long_run.stderr:

@@ -65,6 +65,6 @@ def test_parts_benchmark_times_the_fast_vae_decode_changes_against_stock(capsys)
     assert parts.main(["--config", "tiny", "--device", "cpu", "--repeats", "1", "--part", "vae-variants"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if "vs float32 stock" in line]
     names = [name for name, _ in parts.VAE_VARIANTS]
-    assert [row[:2] for row in rows] == [[dtype, name] for dtype in ("float32", "bfloat16") for name in names]
+    assert [row[:2] for row in rows] == [[dtype, name] for dtype in ("float32", "bfloat16", "float16") for name in names]
     float32_diffs = [float(row[-2]) for row in rows if row[0] == "float32"]
     assert float32_diffs[0] == 0.0 and max(float32_diffs) < 0.01  # levels: the same frames

@@ -79,3 +79,19 @@ def test_vae_decode_option_auto_is_stock_on_cpu_and_fast_gives_the_same_video(ti
     stock_frames = generate_frames(t2v_pipe, request)
     assert np.array_equal(np.concatenate(streamed), fast_frames)
     assert np.abs(fast_frames.astype(int) - stock_frames.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lean_norm_keeps_an_all_zero_position_zero_in_every_dtype(dtype):
+    """F.normalize maps a zero vector to zero; scale / eps does not fit in float16, where the lean
+    norm must not turn 0 * inf into NaN (it defers to diffusers' forward there)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    norm = WanRMS_norm(8, images=False).to(dtype)
+    x = torch.randn(1, 8, 2, 3, 3, generator=torch.Generator().manual_seed(6)).to(dtype)
+    x[:, :, 0, 1, 1] = 0
+    with torch.no_grad():
+        stock = norm(x)
+        lean = vae_speed._rms_norm_forward(norm, x)
+    assert torch.isfinite(lean).all() and (lean[:, :, 0, 1, 1] == 0).all()
+    assert torch.allclose(lean.float(), stock.float(), atol=0.02 if dtype != torch.float32 else 1e-6)
