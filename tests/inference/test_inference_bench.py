@@ -43,10 +43,16 @@ def test_real_config_without_cuda_is_refused_unless_dry_run(bench):
         bench.parse_args(["--config", "1.3b", "--device", "cpu"])
 
 
-def test_parts_benchmark_times_every_usable_attention_backend_and_vae_variant(capsys):
+@pytest.fixture(scope="module")
+def parts():
+    """bench/parts.py as a module."""
     spec = importlib.util.spec_from_file_location("bench_parts", BENCH_FILE.parent / "parts.py")
-    parts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parts)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parts_benchmark_times_every_usable_attention_backend_and_vae_variant(parts, capsys):
     assert parts.main(["--config", "tiny", "--device", "cpu", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     native = next(line for line in lines if line.strip().startswith("native "))
@@ -58,13 +64,11 @@ def test_parts_benchmark_times_every_usable_attention_backend_and_vae_variant(ca
     ]
 
 
-def test_parts_benchmark_times_the_fast_vae_decode_changes_against_stock(capsys):
-    spec = importlib.util.spec_from_file_location("bench_parts", BENCH_FILE.parent / "parts.py")
-    parts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parts)
+def test_parts_benchmark_times_the_fast_vae_decode_changes_against_stock(parts, capsys):
     assert parts.main(["--config", "tiny", "--device", "cpu", "--repeats", "1", "--part", "vae-variants"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if "vs float32 stock" in line]
     names = [name for name, _ in parts.VAE_VARIANTS]
-    assert [row[:2] for row in rows] == [[dtype, name] for dtype in ("float32", "bfloat16", "float16") for name in names]
+    dtypes = ("float32", "bfloat16", "float16")
+    assert [row[:2] for row in rows] == [[dtype, name] for dtype in dtypes for name in names]
     float32_diffs = [float(row[-2]) for row in rows if row[0] == "float32"]
     assert float32_diffs[0] == 0.0 and max(float32_diffs) < 0.01  # levels: the same frames
