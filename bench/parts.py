@@ -87,17 +87,24 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
     return statistics.median(seconds), peak
 
 
+def random_latents(size, device, dtype=torch.float32, generator=None) -> torch.Tensor:
+    """Random latents of a ``(height, width, frames)`` request, ``(1, 16, (frames - 1) // 4 + 1,
+    height / 8, width / 8)``, drawn from ``generator`` (default: a fresh one seeded 0)."""
+    height, width, frames = size
+    shape = (1, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
+    generator = generator or torch.Generator(device).manual_seed(0)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
 def attention_rows(transformer, size, device, dtype, repeats: int) -> list[str]:
     from inference.fastpath import _attention_backend_runs, _set_attention_backend
 
-    height, width, frames = size
-    latent_shape = (1, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
     generator = torch.Generator(device).manual_seed(0)
-    latents = torch.randn(latent_shape, generator=generator, device=device, dtype=dtype)
+    latents = random_latents(size, device, dtype, generator)
     text = torch.randn((1, TEXT_TOKENS, transformer.config.text_dim), generator=generator, device=device, dtype=dtype)
     timestep = torch.tensor([500], device=device)
     p_t, p_h, p_w = transformer.config.patch_size
-    tokens = latent_shape[2] // p_t * latent_shape[3] // p_h * latent_shape[4] // p_w
+    tokens = latents.shape[2] // p_t * latents.shape[3] // p_h * latents.shape[4] // p_w
     flop = transformer_flop(transformer, tokens)
     rows = [f"transformer forward, {tokens} tokens, {flop / 1e12:.1f} TFLOP (uncompiled)"]
     head_dim = transformer.config.attention_head_dim
@@ -137,9 +144,8 @@ def vae_rows(vae, size, device, repeats: int, *, compiled: bool = False):
     dtype x autotuning grid, float32 eager against ``torch.compile`` of the decoder (its first
     call, which compiles, is timed apart), with the largest pixel difference between the two."""
     height, width, frames = size
-    latent_shape = (1, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
-    latents = torch.randn(latent_shape, generator=torch.Generator(device).manual_seed(0), device=device)
-    yield f"VAE decode of {tuple(latent_shape)} latents -> {frames}x{height}x{width}"
+    latents = random_latents(size, device)
+    yield f"VAE decode of {tuple(latents.shape)} latents -> {frames}x{height}x{width}"
 
     def decode():
         return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
@@ -189,9 +195,8 @@ def vae_variant_rows(vae, size, device, repeats: int, profile: bool = False):
     from inference.vae_speed import speed_up_decoder
 
     height, width, frames = size
-    latent_shape = (1, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
-    latents = torch.randn(latent_shape, generator=torch.Generator(device).manual_seed(0), device=device)
-    yield f"VAE decode variants (inference/vae_speed.py) of {tuple(latent_shape)} latents -> {frames}x{height}x{width}"
+    latents = random_latents(size, device)
+    yield f"VAE decode variants (inference/vae_speed.py) of {tuple(latents.shape)} latents -> {frames}x{height}x{width}"
     reference = None
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         fastest = None
@@ -225,7 +230,8 @@ def vae_variant_rows(vae, size, device, repeats: int, profile: bool = False):
                 yield from _profile_rows(decode)
         del variant
         gc.collect()
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _profile_rows(fn, limit: int = 14):
