@@ -186,6 +186,7 @@ class StageTimer:
         self.is_cuda = device.type == "cuda"
         self.text_encode_s = 0.0
         self.decode_s = 0.0
+        self.decode_ended = 0.0
         self.transformer_calls = 0
         self.denoise_started: float | None = None
         self.step_ends: list[float] = []
@@ -226,7 +227,8 @@ class StageTimer:
         def timed_decode(*args, **kwargs):
             started = self.now()
             output = real_decode(*args, **kwargs)
-            self.decode_s += self.now() - started
+            self.decode_ended = self.now()
+            self.decode_s += self.decode_ended - started
             return output
 
         handles = [
@@ -271,7 +273,8 @@ def timed_run(pipe, request: GenerationRequest, device: torch.device, *, fast: b
             frames = generate_frames(pipe, request, on_step=timer.on_step, on_frames=on_frames)
         else:
             frames = stock_call(pipe, request, callback=timer.step_end_callback)
-        generate_s = timer.now() - started
+        generated = timer.now()
+        generate_s = generated - started
         encode_started = time.perf_counter()
         if streamed_video:
             streamed_video.close()
@@ -281,10 +284,12 @@ def timed_run(pipe, request: GenerationRequest, device: torch.device, *, fast: b
     return {
         "frames": frames,
         "text encode [s]": timer.text_encode_s,
+        "call to the first step [s]": timer.denoise_started - started,
         "text encode, repeat prompt [s]": repeat_prompt_encode_s(pipe, request, device, fast=fast),
         "denoise per step [s]": timer.per_step_s(),
         "transformer calls / step": timer.transformer_calls / request.infer_steps,
         "VAE decode [s]": timer.decode_s,
+        "decode end to frames out [s]": generated - timer.decode_ended,
         "MP4 encode, after the decode [s]": mp4_s,
         "end to end [s]": generate_s + mp4_s,
         "peak GPU memory [GiB]": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

@@ -181,6 +181,8 @@ VAE_VARIANTS = (  # (name, speed_up_decoder keyword arguments); the first is the
     ("channels_last", dict(channels_last=True, lean_ops=False)),
     ("lean_ops", dict(channels_last=False, lean_ops=True)),
     ("channels_last+lean_ops", dict(channels_last=True, lean_ops=True)),
+    # float16 only: what vae_dtype=auto runs on CUDA (a device sync per decoded chunk).
+    ("channels_last+lean_ops+overflow_fallback", dict(channels_last=True, lean_ops=True, overflow_fallback=True)),
 )
 
 
@@ -192,7 +194,7 @@ def vae_variant_rows(vae, size, device, repeats: int, profile: bool = False):
     and the fastest variant's decode in each dtype (torch.profiler, one decode each)."""
     import copy
 
-    from inference.vae_speed import speed_up_decoder
+    from inference.vae_speed import fall_back_to_float32_on_overflow, speed_up_decoder
 
     height, width, frames = size
     latents = random_latents(size, device)
@@ -201,9 +203,15 @@ def vae_variant_rows(vae, size, device, repeats: int, profile: bool = False):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         fastest = None
         for name, changes in VAE_VARIANTS:
+            changes = dict(changes) if changes is not None else None
+            overflow_fallback = changes.pop("overflow_fallback", False) if changes is not None else False
+            if overflow_fallback and dtype != torch.float16:
+                continue
             variant = copy.deepcopy(vae).to(dtype=dtype)
             if changes is not None:
                 speed_up_decoder(variant, **changes)
+            if overflow_fallback:
+                fall_back_to_float32_on_overflow(variant)
 
             def decode(variant=variant):
                 return variant.decode(latents.to(dtype), return_dict=False)[0]

@@ -47,7 +47,7 @@ def apply_options(pipe, options: InferenceOptions, device: torch.device) -> dict
     transformer = pipe.transformer
     applied = options.as_strings()
     applied["attention_backend"] = _apply_attention_backend(transformer, options.attention_backend, device)
-    applied["vae_dtype"] = _apply_vae_dtype(pipe.vae, options.vae_dtype)
+    applied["vae_dtype"] = _apply_vae_dtype(pipe.vae, options.vae_dtype, device)
     applied["vae_tiling"] = _apply_vae_tiling(pipe.vae, options.vae_tiling, device)
     applied["vae_decode"] = _apply_vae_decode(pipe.vae, options.vae_decode, device)
     applied["cache"] = _apply_cache(transformer, options)
@@ -110,17 +110,30 @@ def _set_attention_backend(transformer, backend: str) -> None:
         _AttentionBackendRegistry.set_active_backend(process_default)
 
 
-def component_dtypes(dtype: torch.dtype, options: InferenceOptions) -> dict[str, torch.dtype]:
+def resolve_vae_dtype(choice: str, device: torch.device) -> str:
+    """``vae_dtype`` with ``auto`` resolved: float16 on CUDA (guarded against overflow), else float32."""
+    if choice == "auto":
+        return "float16" if device.type == "cuda" else "float32"
+    return choice
+
+
+def component_dtypes(dtype: torch.dtype, options: InferenceOptions, device: torch.device) -> dict[str, torch.dtype]:
     """``from_pretrained``'s per-component ``dtype``: ``dtype`` for every component but the VAE,
-    which is read in ``options.vae_dtype``, so that a float32 VAE is never rounded to the
-    pipeline's bfloat16 on the way (``_apply_vae_dtype`` then has nothing to change)."""
-    return {"default": dtype, "vae": _VAE_DTYPES[options.vae_dtype]}
+    which is read in ``options.vae_dtype`` (resolved for ``device``), so that a float32 VAE is
+    never rounded to the pipeline's bfloat16 on the way (``_apply_vae_dtype`` then has nothing
+    to change)."""
+    return {"default": dtype, "vae": _VAE_DTYPES[resolve_vae_dtype(options.vae_dtype, device)]}
 
 
-def _apply_vae_dtype(vae, choice: str) -> str:
+def _apply_vae_dtype(vae, choice: str, device: torch.device) -> str:
+    choice = resolve_vae_dtype(choice, device)
     dtype = _VAE_DTYPES[choice]
     if vae.dtype != dtype:
         vae.to(dtype=dtype)  # the pipelines cast latents to vae.dtype before decoding
+    if dtype == torch.float16:
+        from .vae_speed import fall_back_to_float32_on_overflow
+
+        fall_back_to_float32_on_overflow(vae)
     return choice
 
 

@@ -170,7 +170,7 @@ def generate_frames(
     with pipe_lock(pipe), lora_applied(pipe, lora_dir, request.lora_name, request.lora_strength), \
             scheduler_applied(pipe, request.scheduler, request.sample_shift):
         kwargs = _pipeline_kwargs(pipe, request, on_step)
-        streamed: list[np.ndarray] = []
+        streamed: list[tuple[np.ndarray, object]] = []  # (host chunk, the same chunk on the device)
         try:
             with _decoded_chunks(pipe, (kwargs["height"], kwargs["width"]), on_frames, streamed):
                 output = pipe(**kwargs)
@@ -182,12 +182,16 @@ def generate_frames(
                 _release_failed_run(exc)
             raise
 
-    frames = video_to_uint8(output.frames[0]).cpu().numpy()
+    video = video_to_uint8(output.frames[0])
     expected = (request.num_frames, kwargs["height"], kwargs["width"], 3)
-    if frames.shape != expected:
-        raise RuntimeError(f"pipeline returned frames of shape {frames.shape}, expected {expected}")
+    if tuple(video.shape) != expected:
+        raise RuntimeError(f"pipeline returned frames of shape {tuple(video.shape)}, expected {expected}")
+    if streamed:
+        _check_streamed(streamed, video)
+        return np.concatenate([host_chunk for host_chunk, _ in streamed])  # already on the host
+    frames = video.cpu().numpy()
     if on_frames is not None:
-        _check_streamed(streamed, frames, on_frames)
+        on_frames(frames)  # a tiled decode: every frame at once
     return frames
 
 
@@ -195,45 +199,63 @@ def generate_frames(
 def _decoded_chunks(pipe, size: tuple[int, int], on_frames, streamed: list[np.ndarray]):
     """While active, each chunk ``pipe.vae.decoder`` returns goes through the pipeline's own
     post-processing (the VAE's clamp, ``postprocess_video``) and :func:`video_to_uint8` on its
-    device, then to ``on_frames`` and onto ``streamed`` as a numpy array. Tiles of a tiled decode
+    device, then to ``on_frames`` as a numpy array and onto ``streamed`` as (that array, the
+    uint8 chunk on the device). Tiles of a tiled decode
     (smaller than ``size``) and patchified outputs are not whole frames and are left alone.
     CUDA chunks travel to pinned host memory asynchronously and are handed on one chunk late
-    (the last one when the block ends without an error)."""
+    (the last one when the block ends without an error). A decode that starts again (a float16
+    VAE's float32 rerun, :func:`inference.vae_speed.fall_back_to_float32_on_overflow`) drops
+    the chunk not yet handed on and hands on only the frames after those already handed on;
+    those stay in ``streamed`` with no device chunk (they are float16's, the video float32's)."""
     import torch
 
     vae = pipe.vae
     if on_frames is None or getattr(vae.config, "patch_size", None) is not None:
         yield
         return
-    copying: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # at most one: (host chunk, copy done)
+    copying: list[tuple[torch.Tensor, torch.cuda.Event, torch.Tensor]] = []  # at most one: (host, copied, chunk)
+    skipping = [0]  # frames a rerun decodes again that were handed on before it
 
-    def hand_on(chunk: np.ndarray) -> None:
-        streamed.append(chunk)
-        on_frames(chunk)
+    def hand_on(host_chunk: np.ndarray, chunk: torch.Tensor) -> None:
+        streamed.append((host_chunk, chunk))
+        on_frames(host_chunk)
 
     def hand_on_copied() -> None:
         if copying:
-            host, copied = copying.pop()
+            host, copied, chunk = copying.pop()
             copied.synchronize()
-            hand_on(host.numpy())
+            hand_on(host.numpy(), chunk)
 
-    def on_decoded(module, args, output) -> None:
+    def start_again() -> None:
+        copying.clear()
+        skipping[0] = sum(len(host_chunk) for host_chunk, _ in streamed)
+        streamed[:] = [(host_chunk, None) for host_chunk, _ in streamed]
+
+    def on_decoded(module, args, kwargs, output) -> None:
         if tuple(output.shape[-2:]) != size:
             return
+        if kwargs.get("first_chunk") and (streamed or copying):
+            start_again()
         with torch.no_grad():
             pixels = pipe.video_processor.postprocess_video(torch.clamp(output, min=-1.0, max=1.0), output_type="pt")
             chunk = video_to_uint8(pixels[0])
+        if skipping[0]:
+            handed_on = min(skipping[0], len(chunk))
+            skipping[0] -= handed_on
+            chunk = chunk[handed_on:]
+            if not len(chunk):
+                return
         if chunk.device.type != "cuda":
-            hand_on(chunk.numpy())
+            hand_on(chunk.numpy(), chunk)
             return
         host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
         host.copy_(chunk, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record(torch.cuda.current_stream(chunk.device))  # the copy's stream, whichever device is current
         hand_on_copied()  # the previous chunk: its copy ran while this one was decoded
-        copying.append((host, copied))
+        copying.append((host, copied, chunk))
 
-    handle = vae.decoder.register_forward_hook(on_decoded)
+    handle = vae.decoder.register_forward_hook(on_decoded, with_kwargs=True)
     try:
         yield
         hand_on_copied()
@@ -241,18 +263,20 @@ def _decoded_chunks(pipe, size: tuple[int, int], on_frames, streamed: list[np.nd
         handle.remove()
 
 
-def _check_streamed(streamed: list[np.ndarray], frames: np.ndarray, on_frames) -> None:
-    """Hand on whatever the decode did not stream; fail loudly if what it streamed is not ``frames``."""
-    if not streamed:
-        on_frames(frames)  # a tiled decode: every frame at once
-        return
+def _check_streamed(streamed: list, video) -> None:
+    """Fail loudly unless the chunks handed on, joined, are exactly ``video``. ``streamed`` holds
+    (host chunk, the same uint8 chunk on ``video``'s device, compared there so that the frames
+    cross to the host once); a chunk handed on before the decode started again has no device
+    chunk and is not compared."""
+    import torch
+
     start = 0
-    for chunk in streamed:
-        if not np.array_equal(chunk, frames[start : start + len(chunk)]):
+    for host_chunk, chunk in streamed:
+        if chunk is not None and not torch.equal(chunk, video[start : start + len(chunk)]):
             raise RuntimeError(f"streamed frames {start}..{start + len(chunk) - 1} differ from the decoded video")
-        start += len(chunk)
-    if start != len(frames):
-        raise RuntimeError(f"{start} frames streamed, the decoded video has {len(frames)}")
+        start += len(host_chunk)
+    if start != len(video):
+        raise RuntimeError(f"{start} frames streamed, the decoded video has {len(video)}")
 
 
 def _pipeline_kwargs(pipe, request: GenerationRequest, on_step: Callable[[int, int], None] | None) -> dict:

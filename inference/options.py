@@ -15,7 +15,7 @@ from dataclasses import dataclass
 ATTENTION_BACKENDS = ("auto", "native", "_native_cudnn", "_native_flash", "_flash_3", "flash", "sage")
 CACHE_KINDS = ("none", "first_block", "taylorseer")
 VAE_TILING_MODES = ("auto", "on", "off")
-VAE_DTYPES = ("float32", "bfloat16", "float16")
+VAE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 VAE_DECODE_MODES = ("auto", "fast", "stock")
 FP8_MODES = ("off", "storage", "compute")
 
@@ -43,8 +43,12 @@ class InferenceOptions:
     ``cache_threshold`` [float > 0]: First Block Cache threshold; higher is faster and worse.
     ``vae_tiling`` [auto | on | off]: tiled VAE decode (less memory, seams possible). ``auto``:
         on only when the CUDA device has little free memory after the load.
-    ``vae_dtype`` [float32 | bfloat16 | float16]: VAE weights dtype. float32 is what diffusers
-        recommends for the Wan VAE; bfloat16 is faster on GPUs and what the rest of the model uses.
+    ``vae_dtype`` [auto | float32 | bfloat16 | float16]: VAE weights dtype. float32 is what
+        diffusers recommends for the Wan VAE. float16 has the 10-bit mantissa of the TF32
+        convolutions a float32 VAE runs on a GPU, at about bfloat16's speed; where its range
+        overflows, the chunk is computed again in float32 and the VAE stays float32
+        (:func:`inference.vae_speed.fall_back_to_float32_on_overflow`). bfloat16 (7-bit mantissa)
+        is lossy. ``auto``: float16 on CUDA, float32 elsewhere.
     ``vae_decode`` [auto | fast | stock]: ``fast`` decodes with :mod:`inference.vae_speed`
         (channels-last convolutions, fewer memory passes; the same frames within float rounding),
         ``stock`` with diffusers' code as it is; ``auto``: fast on CUDA, stock on CPU.
@@ -66,7 +70,7 @@ class InferenceOptions:
     cache: str = "none"
     cache_threshold: float = 0.05
     vae_tiling: str = "auto"
-    vae_dtype: str = "float32"
+    vae_dtype: str = "auto"
     vae_decode: str = "auto"
     text_cache_size: int = 32
     fp8: str = "off"

@@ -175,7 +175,7 @@ def load_pipeline(
         pipeline_class = getattr(diffusers, PIPELINE_CLASS_NAMES[kind])
         started = time.monotonic()
         try:
-            pipe = pipeline_class.from_pretrained(path, dtype=component_dtypes(dtype, options))
+            pipe = pipeline_class.from_pretrained(path, dtype=component_dtypes(dtype, options, torch_device))
         except Exception as exc:
             raise ModelLoadError(f"failed to load {kind} pipeline from {path}: {exc}") from exc
         _load_count += 1

@@ -13,14 +13,20 @@ classes are left alone), and each change is exact up to float rounding:
 
 On an H200 (480x832x81) these took the float32 decode from 2.79 to 2.27 s and the bfloat16 one from
 1.84 to 1.28 s (bench/README.md). Encoding (I2V) goes through the same changed modules.
+
+:func:`fall_back_to_float32_on_overflow` makes a float16 VAE safe to use: float16 has the mantissa
+of the TF32 convolutions a float32 VAE runs on a GPU, but its range ends at 65504.
 """
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 NORM_EPS = 1e-12  # F.normalize's: x / max(norm, eps)
 
@@ -57,13 +63,84 @@ def _causal_conv_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = N
 def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``WanRMS_norm.forward`` (``F.normalize`` over channels, times scale and gamma, plus bias) in
     three passes: the norm (accumulated in float32), one multiply by scale / norm, one by gamma in
-    place. Where ``x.dtype`` cannot hold scale / eps (float16: an all-zero position would give
-    0 * inf = NaN), diffusers' own forward."""
-    if torch.finfo(x.dtype).max < self.scale / NORM_EPS:
-        return type(self).forward(self, x)
+    place. scale / norm is capped at ``x.dtype``'s largest value: float16 cannot hold scale / eps,
+    and an all-zero position stays zero instead of becoming 0 * inf = NaN (the cap changes a
+    position only if its norm is below scale / 65504, ~3e-4 for 96 channels)."""
     norm = torch.linalg.vector_norm(x, dim=1 if self.channel_first else -1, keepdim=True, dtype=torch.float32)
-    out = x * (self.scale / norm.clamp_min(NORM_EPS)).to(x.dtype)
+    factor = (self.scale / norm.clamp_min(NORM_EPS)).clamp_max(torch.finfo(x.dtype).max)
+    out = x * factor.to(x.dtype)
     out.mul_(self.gamma)
     if isinstance(self.bias, torch.Tensor):
         out.add_(self.bias)
     return out
+
+
+class Float16Overflow(ArithmeticError):
+    """A chunk a float16 VAE computed is not finite."""
+
+
+def fall_back_to_float32_on_overflow(vae) -> None:
+    """Make a float16 ``vae`` (an ``AutoencoderKLWan``) encode or decode in float32 what overflows.
+
+    Its encoder and decoder compute one chunk of frames per call. On CUDA each chunk's
+    finiteness is checked when the next chunk has been queued, so the device never waits for
+    the check (the last chunk's when the pass ends), on the CPU at once: either way before a
+    streaming decode hands the chunk on (:func:`inference.generate.generate_frames` hands CUDA
+    chunks on one chunk late). A chunk
+    that is not finite ends the pass; the VAE turns float32 for good (logged as a warning) and
+    the encode or decode runs again from the start. A decode pass starts with
+    ``first_chunk=True`` in the decoder's call, which is how a streaming consumer can tell a
+    rerun."""
+    pending: list = []  # at most one: (finite flag on the host, its copy's CUDA event or None)
+    for coder in (vae.encoder, vae.decoder):
+        coder.forward = types.MethodType(_checked_chunk_forward(pending), coder)
+    for name in ("_encode", "_decode"):
+        setattr(vae, name, _rerun_in_float32_on_overflow(vae, getattr(vae, name), pending))
+
+
+def _check_pending(pending: list) -> None:
+    """Raise :class:`Float16Overflow` if the chunk awaiting its check was not finite."""
+    if pending:
+        finite, copied = pending.pop()
+        if copied is not None:
+            copied.synchronize()
+        if not finite.item():
+            raise Float16Overflow("a float16 VAE chunk is not finite")
+
+
+def _checked_chunk_forward(pending: list):
+    def forward(self, x, *args, **kwargs):
+        dtype = self.conv_in.weight.dtype
+        if dtype != torch.float16:
+            return type(self).forward(self, x.to(dtype), *args, **kwargs)
+        out = type(self).forward(self, x, *args, **kwargs)
+        finite = torch.isfinite(out).all()
+        if out.device.type != "cuda":  # nothing runs ahead on the CPU: check at once
+            pending.append((finite, None))
+            _check_pending(pending)
+            return out
+        _check_pending(pending)  # the previous chunk's: this one's work is queued behind it
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(finite, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(out.device))
+        pending.append((host, copied))
+        return out
+
+    return forward
+
+
+def _rerun_in_float32_on_overflow(vae, run, pending: list):
+    def run_checked(x, *args, **kwargs):
+        pending.clear()
+        try:
+            result = run(x, *args, **kwargs)
+            _check_pending(pending)  # the last chunk's
+            return result
+        except Float16Overflow:
+            logger.warning("the float16 VAE overflowed; it computes in float32 from now on")
+            pending.clear()
+            vae.to(torch.float32)
+            return run(x.float(), *args, **kwargs)
+
+    return run_checked

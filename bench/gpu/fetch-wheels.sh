@@ -13,5 +13,5 @@ done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  "${pinned[@]}" torchao==0.18.0 importlib_metadata
+  "${pinned[@]}" torchao==0.18.0 importlib_metadata pytest pluggy iniconfig pygments packaging
 du -sh .whl && ls .whl

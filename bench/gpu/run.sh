@@ -49,8 +49,11 @@ for run in ${RUNS:-fast-path parts speed}; do
         || bench fast-path-no-compile 110 bench/inference.py $BENCH_ARGS --option compile=off ;;
     # The lossless fast path with a bfloat16 VAE, the one lossy option that moves the end to end.
     fast-bf16-vae) bench fast-bf16-vae 210 bench/inference.py $BENCH_ARGS --option vae_dtype=bfloat16 ;;
-    # float16: more mantissa than bfloat16 at the same speed; random weights cannot show overflow.
+    # float16 is what vae_dtype=auto picks on CUDA; float32 was the default before it.
     fast-fp16-vae) bench fast-fp16-vae 210 bench/inference.py $BENCH_ARGS --option vae_dtype=float16 ;;
+    fast-fp32-vae) bench fast-fp32-vae 210 bench/inference.py $BENCH_ARGS --option vae_dtype=float32 ;;
+    # The inference tests that have a CUDA case (tests/inference, e.g. the float16 VAE's fallback).
+    gpu-tests) bench gpu-tests 120 -m pytest -q -p no:django -p no:cacheprovider tests/inference -k cuda ;;
     # Attention backends and VAE decode variants, one at a time (what the defaults should be).
     parts) bench parts 120 bench/parts.py $BENCH_ARGS ;;
     vae-compile) bench vae-compile 300 bench/parts.py $BENCH_ARGS --part vae-compile ;;

@@ -19,8 +19,8 @@ def bench():
 def test_tiny_cpu_benchmark_prints_every_row_and_identical_frames(bench, capsys):
     assert bench.main(["--config", "tiny", "--device", "cpu", "--repeats", "1"]) == 0
     table = capsys.readouterr().out
-    rows = ("text encode [s]", "denoise per step [s]", "VAE decode [s]", "MP4 encode, after the decode [s]",
-            "end to end [s]")  # fmt: skip
+    rows = ("text encode [s]", "call to the first step [s]", "denoise per step [s]", "VAE decode [s]",
+            "decode end to frames out [s]", "MP4 encode, after the decode [s]", "end to end [s]")  # fmt: skip
     for row in rows:
         assert row in table
     assert "64x64x17, 4 steps, guidance 1.0" in table
@@ -69,6 +69,8 @@ def test_parts_benchmark_times_the_fast_vae_decode_changes_against_stock(parts, 
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if "vs float32 stock" in line]
     names = [name for name, _ in parts.VAE_VARIANTS]
     dtypes = ("float32", "bfloat16", "float16")
-    assert [row[:2] for row in rows] == [[dtype, name] for dtype in dtypes for name in names]
+    expected = [[dtype, name] for dtype in dtypes for name in names
+                if dtype == "float16" or not name.endswith("overflow_fallback")]  # a float16 guard
+    assert [row[:2] for row in rows] == expected
     float32_diffs = [float(row[-2]) for row in rows if row[0] == "float32"]
     assert float32_diffs[0] == 0.0 and max(float32_diffs) < 0.01  # levels: the same frames

@@ -20,7 +20,7 @@ def test_defaults_are_the_lossless_choices():
     options = InferenceOptions()
     assert options.as_strings() == {
         "attention_backend": "auto", "compile": "auto", "cache": "none", "cache_threshold": "0.05",
-        "vae_tiling": "auto", "vae_dtype": "float32", "vae_decode": "auto", "text_cache_size": "32", "fp8": "off",
+        "vae_tiling": "auto", "vae_dtype": "auto", "vae_decode": "auto", "text_cache_size": "32", "fp8": "off",
     }
 
 
