@@ -157,8 +157,8 @@ def build_random_transformer(config: str, device: torch.device, dtype: torch.dty
 
 def build_random_vae(device: torch.device):
     """The Wan2.1 VAE with random weights on ``device``, in float32: as diffusers' Wan2.1
-    documentation loads it beside a bfloat16 pipeline, and as the fast path's default
-    ``vae_dtype`` keeps it."""
+    documentation loads it beside a bfloat16 pipeline (the fast path's ``vae_dtype`` then casts
+    it: ``auto`` is float16 on CUDA)."""
     from diffusers import AutoencoderKLWan
 
     with torch.device(device):

@@ -181,7 +181,7 @@ VAE_VARIANTS = (  # (name, speed_up_decoder keyword arguments); the first is the
     ("channels_last", dict(channels_last=True, lean_ops=False)),
     ("lean_ops", dict(channels_last=False, lean_ops=True)),
     ("channels_last+lean_ops", dict(channels_last=True, lean_ops=True)),
-    # float16 only: what vae_dtype=auto runs on CUDA (a device sync per decoded chunk).
+    # float16 only: what vae_dtype=auto runs on CUDA (each chunk checked for overflow, one chunk late).
     ("channels_last+lean_ops+overflow_fallback", dict(channels_last=True, lean_ops=True, overflow_fallback=True)),
 )
 

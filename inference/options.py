@@ -45,8 +45,8 @@ class InferenceOptions:
         on only when the CUDA device has little free memory after the load.
     ``vae_dtype`` [auto | float32 | bfloat16 | float16]: VAE weights dtype. float32 is what
         diffusers recommends for the Wan VAE. float16 has the 10-bit mantissa of the TF32
-        convolutions a float32 VAE runs on a GPU, at about bfloat16's speed; where its range
-        overflows, the chunk is computed again in float32 and the VAE stays float32
+        convolutions a float32 VAE runs on a GPU, at about bfloat16's speed; an encode or decode
+        that overflows its range runs again in float32 and the VAE stays float32
         (:func:`inference.vae_speed.fall_back_to_float32_on_overflow`). bfloat16 (7-bit mantissa)
         is lossy. ``auto``: float16 on CUDA, float32 elsewhere.
     ``vae_decode`` [auto | fast | stock]: ``fast`` decodes with :mod:`inference.vae_speed`

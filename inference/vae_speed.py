@@ -86,12 +86,11 @@ def fall_back_to_float32_on_overflow(vae) -> None:
     finiteness is checked when the next chunk has been queued, so the device never waits for
     the check (the last chunk's when the pass ends), on the CPU at once: either way before a
     streaming decode hands the chunk on (:func:`inference.generate.generate_frames` hands CUDA
-    chunks on one chunk late). A chunk
-    that is not finite ends the pass; the VAE turns float32 for good (logged as a warning) and
-    the encode or decode runs again from the start. A decode pass starts with
-    ``first_chunk=True`` in the decoder's call, which is how a streaming consumer can tell a
-    rerun."""
-    pending: list = []  # at most one: (finite flag on the host, its copy's CUDA event or None)
+    chunks on one chunk late). A chunk that is not finite ends the pass; the VAE turns float32
+    for good (logged as a warning) and the encode or decode runs again from the start. A decode
+    pass starts with ``first_chunk=True`` in the decoder's call, which is how a streaming
+    consumer can tell a rerun."""
+    pending: list = []  # at most one CUDA chunk's (finite flag in pinned host memory, its copy's event)
     for coder in (vae.encoder, vae.decoder):
         coder.forward = types.MethodType(_checked_chunk_forward(pending), coder)
     for name in ("_encode", "_decode"):
@@ -102,8 +101,7 @@ def _check_pending(pending: list) -> None:
     """Raise :class:`Float16Overflow` if the chunk awaiting its check was not finite."""
     if pending:
         finite, copied = pending.pop()
-        if copied is not None:
-            copied.synchronize()
+        copied.synchronize()
         if not finite.item():
             raise Float16Overflow("a float16 VAE chunk is not finite")
 
@@ -116,8 +114,8 @@ def _checked_chunk_forward(pending: list):
         out = type(self).forward(self, x, *args, **kwargs)
         finite = torch.isfinite(out).all()
         if out.device.type != "cuda":  # nothing runs ahead on the CPU: check at once
-            pending.append((finite, None))
-            _check_pending(pending)
+            if not finite:
+                raise Float16Overflow("a float16 VAE chunk is not finite")
             return out
         _check_pending(pending)  # the previous chunk's: this one's work is queued behind it
         host = torch.empty((), dtype=torch.bool, pin_memory=True)
