@@ -20,14 +20,9 @@ LEVEL = 2 / 255  # one 0-255 pixel level in the VAE's [-1, 1] output
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
-@pytest.fixture(scope="module")
-def wan21_vae():
-    """A VAE of the real Wan2.1 configuration with random weights, biases and norm gains (diffusers
-    initialises gains to one and biases to zero, which would hide a dropped one)."""
-    from bench.inference import build_random_vae
-
-    torch.manual_seed(0)
-    vae = build_random_vae(torch.device("cpu")).eval()
+def with_random_biases_and_gains(vae):
+    """``vae`` with its biases and norm gains drawn at random, in place (diffusers initialises gains
+    to one and biases to zero, which would hide a dropped one)."""
     with torch.no_grad():
         for name, parameter in vae.named_parameters():
             if name.endswith("bias"):
@@ -35,6 +30,16 @@ def wan21_vae():
             elif name.endswith("gamma"):
                 parameter.normal_(mean=1.0, std=0.1)
     return vae
+
+
+@pytest.fixture(scope="module")
+def wan21_vae():
+    """A VAE of the real Wan2.1 configuration with random weights, biases and norm gains."""
+    from bench.inference import build_random_vae
+
+    torch.manual_seed(0)
+    vae = build_random_vae(torch.device("cpu")).eval()
+    return with_random_biases_and_gains(vae)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +50,7 @@ def small_vae():
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval()
-    with torch.no_grad():
-        for name, parameter in vae.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(std=0.1)
-            elif name.endswith("gamma"):
-                parameter.normal_(mean=1.0, std=0.1)
-    return vae
+    return with_random_biases_and_gains(vae)
 
 
 def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
