@@ -178,11 +178,14 @@ def vae_rows(vae, size, device, repeats: int, *, compiled: bool = False):
 
 VAE_VARIANTS = (  # (name, speed_up_decoder keyword arguments); the first is the reference
     ("stock", None),
-    ("channels_last", dict(channels_last=True, lean_ops=False)),
-    ("lean_ops", dict(channels_last=False, lean_ops=True)),
-    ("channels_last+lean_ops", dict(channels_last=True, lean_ops=True)),
+    ("channels_last", dict(channels_last=True, lean_ops=False, lean_upsample=False, padded_inputs=False)),
+    ("lean_ops", dict(channels_last=False, lean_ops=True, lean_upsample=False, padded_inputs=False)),
+    ("channels_last+lean_ops", dict(channels_last=True, lean_ops=True, lean_upsample=False, padded_inputs=False)),
+    ("channels_last+lean_ops+lean_upsample", dict(lean_upsample=True, padded_inputs=False)),
+    ("channels_last+lean_ops+padded_inputs", dict(lean_upsample=False, padded_inputs=True)),
+    ("vae_decode=fast", dict()),  # all four changes: what main runs on CUDA
     # float16 only: what vae_dtype=auto runs on CUDA (each chunk checked for overflow, one chunk late).
-    ("channels_last+lean_ops+overflow_fallback", dict(channels_last=True, lean_ops=True, overflow_fallback=True)),
+    ("vae_decode=fast+overflow_fallback", dict(overflow_fallback=True)),
 )
 
 

@@ -58,15 +58,52 @@ def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
 
 
-@pytest.mark.parametrize("changes", [dict(channels_last=True, lean_ops=False), dict(channels_last=False, lean_ops=True),
-                                     dict()])
-def test_each_change_decodes_the_stock_frames_in_float32(wan21_vae, changes):
+@pytest.fixture(scope="module")
+def wan21_stock_decode(wan21_vae):
+    """(latents, ``wan21_vae``'s stock float32 decode of them): four latent frames -> 13 frames."""
     latents = torch.randn(1, 16, 4, 6, 10, generator=torch.Generator().manual_seed(1))
+    return latents, _decode(wan21_vae, latents)
+
+
+NO_CHANGE = dict(channels_last=False, lean_ops=False, lean_upsample=False, padded_inputs=False)
+
+
+@pytest.mark.parametrize("changes", [dict(NO_CHANGE, **{change: True}) for change in NO_CHANGE] + [dict()],
+                         ids=list(NO_CHANGE) + ["all"])
+def test_each_change_decodes_the_stock_frames_in_float32(wan21_vae, wan21_stock_decode, changes):
+    latents, stock_frames = wan21_stock_decode
     fast = copy.deepcopy(wan21_vae)
     vae_speed.speed_up_decoder(fast, **changes)
-    stock_frames, fast_frames = _decode(wan21_vae, latents), _decode(fast, latents)
+    fast_frames = _decode(fast, latents)
     assert fast_frames.shape == stock_frames.shape == (1, 3, 13, 48, 80)
     assert (fast_frames - stock_frames).abs().max() < 0.01 * LEVEL
+
+
+@pytest.mark.parametrize("vae_name, dtype, device", [
+    ("wan21_vae", torch.float32, "cpu"),
+    ("wan21_vae", torch.bfloat16, "cpu"),
+    ("small_vae", torch.float16, "cpu"),  # float16 convolutions are slow on the CPU
+    *[pytest.param("wan21_vae", dtype, "cuda", marks=DEVICES[1].marks) for dtype in (torch.float32, torch.float16)],
+])
+def test_lean_upsample_and_padded_inputs_move_values_not_results(request, vae_name, dtype, device):
+    """The two changes only skip copies and float32 round trips of values that reach the same
+    kernels: the same frames and latents, to the bit but for float32 SiLUs on the CPU (its
+    vectorised and scalar loops round the last bit differently). Four latent frames and a
+    five-frame video go through the first chunk (no cache), a one-frame cache and full caches."""
+    vae = copy.deepcopy(request.getfixturevalue(vae_name)).to(device, dtype)
+    before, after = copy.deepcopy(vae), vae
+    vae_speed.speed_up_decoder(before, lean_upsample=False, padded_inputs=False)
+    vae_speed.speed_up_decoder(after)
+    latents = torch.randn(1, 16, 4, 6, 10, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    video = (torch.rand(1, 3, 5, 48, 80, generator=torch.Generator().manual_seed(5)) * 2 - 1).to(device, dtype)
+    with torch.no_grad():
+        results = [(vae.decode(latents, return_dict=False)[0], vae.encode(video).latent_dist.mean)
+                   for vae in (before, after)]
+    for before_result, after_result in zip(*results):
+        if dtype == torch.float32 and device == "cpu":
+            assert (after_result - before_result).abs().max() < 0.001 * LEVEL
+        else:
+            assert torch.equal(after_result, before_result)
 
 
 def test_bfloat16_fast_decode_is_no_further_from_float32_than_stock_bfloat16(wan21_vae):
