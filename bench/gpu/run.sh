@@ -3,19 +3,19 @@
 #   bench/gpu/fetch-wheels.sh here, then the device tool's
 #   run(command="bash bench/gpu/run.sh", carry=[".whl"], timeout_s=590)
 # Installs .whl/ into /tmp/site, then runs bench/inference.py for the real Wan2.1-T2V-1.3B shapes
-# (480x832x81, 4 steps, guidance 1): the default fast path, then the lossy speed options (FP8
-# compute, bfloat16 VAE); then bench/parts.py (attention backends, VAE decode variants). Each run's
-# output goes to $OUT/<name>.txt and to stdout; a run that fails or overruns its limit does not
-# stop the next, and all of them end within BUDGET_S (560) seconds of the start. RUNS picks other
-# runs (the case below: fast-bf16-vae and vae-compile too). BENCH_ARGS replaces the config
-# arguments (e.g. "--config tiny" to try the script on a CPU machine); PYTHON picks the
-# interpreter (default python3, the GPU image's).
+# (480x832x81, 4 steps, guidance 1, medians of 3): the default fast path against stock, with the
+# issue's targets; then the CUDA cases of tests/inference; then bench/parts.py's VAE decode
+# variants. Each run's output goes to $OUT/<name>.txt and to stdout; a run that fails or overruns
+# its limit does not stop the next, and all of them end within BUDGET_S (560) seconds of the
+# start. RUNS picks other runs (the case below: parts, the lossy speed options, ...). BENCH_ARGS
+# replaces the config arguments (e.g. "--config tiny" to try the script on a CPU machine); PYTHON
+# picks the interpreter (default python3, the GPU image's).
 set -uo pipefail
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-560} ))  # every run ends by then: inside timeout_s=590
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu-bench-out}
-BENCH_ARGS=${BENCH_ARGS:---config 1.3b}
+BENCH_ARGS=${BENCH_ARGS:---config 1.3b --repeats 3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -40,9 +40,9 @@ bench() {  # bench NAME LIMIT_S SCRIPT [arguments]: LIMIT_S, or less if the dead
   echo "=== $name: exit $rc$( [ "$rc" = 124 ] && echo ", stopped at its ${limit} s limit")" | tee -a "$OUT/$name.txt"
   return "$rc"
 }
-# RUNS names the runs, in order (default: fast-path parts speed); each ends by the deadline.
+# RUNS names the runs, in order (default: fast-path gpu-tests vae-variants); each ends by the deadline.
 speed="--option fp8=compute --option vae_dtype=bfloat16"
-for run in ${RUNS:-fast-path parts speed}; do
+for run in ${RUNS:-fast-path gpu-tests vae-variants}; do
   case $run in
     # If the compiled fast path fails, a run without compile still gives the other figures.
     fast-path) bench fast-path 210 bench/inference.py $BENCH_ARGS \
