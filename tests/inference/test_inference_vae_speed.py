@@ -97,8 +97,8 @@ def test_lean_upsample_and_padded_inputs_move_values_not_results(request, vae_na
     latents = torch.randn(1, 16, 4, 6, 10, generator=torch.Generator().manual_seed(4)).to(device, dtype)
     video = (torch.rand(1, 3, 5, 48, 80, generator=torch.Generator().manual_seed(5)) * 2 - 1).to(device, dtype)
     with torch.no_grad():
-        results = [(vae.decode(latents, return_dict=False)[0], vae.encode(video).latent_dist.mean)
-                   for vae in (before, after)]
+        results = [(model.decode(latents, return_dict=False)[0], model.encode(video).latent_dist.mean)
+                   for model in (before, after)]
     for before_result, after_result in zip(*results):
         if dtype == torch.float32 and device == "cpu":
             assert (after_result - before_result).abs().max() < 0.001 * LEVEL
