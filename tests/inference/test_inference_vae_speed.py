@@ -106,6 +106,19 @@ def test_lean_upsample_and_padded_inputs_move_values_not_results(request, vae_na
             assert torch.equal(after_result, before_result)
 
 
+def test_a_tiled_fast_decode_gives_the_stock_tiled_frames(small_vae):
+    """Tiles go through the same changed modules, each with its own causal caches."""
+    stock = copy.deepcopy(small_vae)
+    stock.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32,
+                        tile_sample_stride_height=16, tile_sample_stride_width=16)
+    fast = copy.deepcopy(stock)
+    vae_speed.speed_up_decoder(fast)
+    latents = torch.randn(1, 16, 3, 6, 10, generator=torch.Generator().manual_seed(7))
+    stock_frames, fast_frames = _decode(stock, latents), _decode(fast, latents)
+    assert fast_frames.shape == (1, 3, 9, 48, 80)  # 6x10 latents: tiles of 4x4 latents, blended
+    assert (fast_frames - stock_frames).abs().max() < 0.01 * LEVEL
+
+
 def test_bfloat16_fast_decode_is_no_further_from_float32_than_stock_bfloat16(wan21_vae):
     latents = torch.randn(1, 16, 3, 6, 10, generator=torch.Generator().manual_seed(2))
     reference = _decode(wan21_vae, latents)
