@@ -76,13 +76,20 @@ def speed_up_decoder(
 def _causal_conv_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
     """``WanCausalConv3d.forward`` with the spatial zero padding done by the convolution: only the
     causal past (cached frames, else zeros) is joined to ``x`` in time."""
-    width_pad, _, height_pad, _, time_pad, _ = self._padding
+    time_pad = self._padding[4]
     if cache_x is not None and time_pad > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
         time_pad -= cache_x.shape[2]
     if time_pad > 0:
         x = F.pad(x, (0, 0, 0, 0, time_pad, 0))
-    return F.conv3d(x, self.weight, self.bias, self.stride, (0, height_pad, width_pad), self.dilation, self.groups)
+    return _conv_padded_in_time(self, x)
+
+
+def _conv_padded_in_time(conv, x: torch.Tensor) -> torch.Tensor:
+    """The causal convolution ``conv`` of ``x``, whose causal past is already in front of it in
+    time; the spatial zero padding is done by the convolution."""
+    width_pad, _, height_pad, _, _, _ = conv._padding
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, height_pad, width_pad), conv.dilation, conv.groups)
 
 
 def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +130,7 @@ def _norm_silu_conv(norm, conv, x: torch.Tensor, feat_cache: list, feat_idx: lis
     frames of the activation, including the past when this chunk has fewer (as stock)."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T
 
-    width_pad, _, height_pad, _, time_pad, _ = conv._padding
+    time_pad = conv._padding[4]
     idx = feat_idx[0]
     cached = feat_cache[idx]
     batch, channels, frames, height, width = x.shape
@@ -142,7 +149,7 @@ def _norm_silu_conv(norm, conv, x: torch.Tensor, feat_cache: list, feat_idx: lis
     F.silu(activation, inplace=True)
     feat_cache[idx] = padded[:, :, time_pad - past :][:, :, -CACHE_T:].clone()
     feat_idx[0] += 1
-    return F.conv3d(padded, conv.weight, conv.bias, conv.stride, (0, height_pad, width_pad), conv.dilation, conv.groups)
+    return _conv_padded_in_time(conv, padded)
 
 
 def _time_upsample_forward(self, x: torch.Tensor, feat_cache=None, feat_idx=[0]) -> torch.Tensor:  # noqa: B006
@@ -158,7 +165,7 @@ def _time_upsample_forward(self, x: torch.Tensor, feat_cache=None, feat_idx=[0])
     idx = feat_idx[0]
     cached = feat_cache[idx]
     cache_x = x[:, :, -CACHE_T:].clone()
-    if cache_x.shape[2] < 2:  # the past's last frame in front, zeros after the first chunk ("Rep")
+    if cache_x.shape[2] < CACHE_T:  # the past's last frame in front, zeros after the first chunk ("Rep")
         past = torch.zeros_like(cache_x) if isinstance(cached, str) else cached[:, :, -1:]
         cache_x = torch.cat([past, cache_x], dim=2)
     doubled = self.time_conv(x) if isinstance(cached, str) else self.time_conv(x, cached)
