@@ -11,7 +11,7 @@ Both runs use the same weights, size, seed, steps (4) and guidance (1.0) in one 
 
 Configs: ``tiny`` (default on CPU) is ``inference.tiny.build_tiny_models`` in a temp dir, loaded
 with ``from_pretrained`` (a) and ``load_pipeline`` (b); size 64x64x17. ``1.3b`` (default on CUDA)
-and ``14b`` are random-weight components with the real Wan2.1 shapes, built straight on the GPU
+and ``14b`` are random-weight components with the real Wan2.1 shapes (``bench/random_models.py``), built on the GPU
 in bfloat16 with a float32 VAE, the setup diffusers' Wan2.1 documentation gives (the tiny
 tokenizer is enough: its ids are valid for the real vocabulary); size 480x832x81. They share one
 set of modules: (a) runs first, then the fast path is applied to the same pipeline for (b).
@@ -55,19 +55,10 @@ from inference.generate import GenerationRequest, frames_to_uint8, generate_fram
 from inference.options import InferenceOptions  # noqa: E402
 from inference.pipelines import resolve_device  # noqa: E402
 
+from bench.random_models import build_random_components  # noqa: E402
+
 PROMPT = "a red cat runs on the beach at sunset, cinematic, high quality"
 WARM_UP_PROMPT = "warm-up"
-
-# Wan2.1 transformer shapes (diffusers' WanTransformer3DModel arguments beyond the shared ones).
-TRANSFORMER_SHAPES = {
-    "1.3b": dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960),
-    "14b": dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824),
-}
-# UMT5-XXL, the text encoder of every Wan2.1 model.
-TEXT_ENCODER_CONFIG = dict(
-    vocab_size=256384, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
-    relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
-)
 DEFAULT_SIZES = {"tiny": (64, 64, 17), "1.3b": (480, 832, 81), "14b": (480, 832, 81)}
 
 
@@ -110,72 +101,6 @@ def _split_option(text: str) -> tuple[str, str]:
     if not sep:
         raise ValueError(f"--option needs KEY=VALUE, got {text!r}")
     return key.strip(), value
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_random_components(config: str, device: torch.device, dtype: torch.dtype) -> dict:
-    """Real-size Wan2.1 T2V components with random weights, allocated on ``device`` in ``dtype``,
-    except the VAE (see :func:`build_random_vae`).
-
-    Built under ``torch.device(device)`` so weights are created where they live (``meta``:
-    shapes only, nothing allocated); minutes on CPU, seconds on a GPU.
-    """
-    from diffusers import UniPCMultistepScheduler
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from inference.tiny import build_tiny_tokenizer
-
-    with torch.device(device), default_dtype(dtype):
-        text_encoder = UMT5EncoderModel(UMT5Config(**TEXT_ENCODER_CONFIG)).eval()  # eval: no dropout
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return dict(tokenizer=build_tiny_tokenizer(), text_encoder=text_encoder, vae=build_random_vae(device),
-                transformer=build_random_transformer(config, device, dtype), scheduler=scheduler)
-
-
-def build_random_transformer(config: str, device: torch.device, dtype: torch.dtype):
-    """The ``config``'s Wan2.1 transformer with random weights on ``device``: ``dtype``, except
-    what ``from_pretrained`` would keep in float32."""
-    from diffusers import WanTransformer3DModel
-
-    with torch.device(device), default_dtype(dtype):
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **TRANSFORMER_SHAPES[config],
-        )
-    keep_float32_like_from_pretrained(transformer)
-    return transformer
-
-
-def build_random_vae(device: torch.device):
-    """The Wan2.1 VAE with random weights on ``device``, in float32: as diffusers' Wan2.1
-    documentation loads it beside a bfloat16 pipeline (the fast path's ``vae_dtype`` then casts
-    it: ``auto`` is float16 on CUDA)."""
-    from diffusers import AutoencoderKLWan
-
-    with torch.device(device):
-        return AutoencoderKLWan()
-
-
-def keep_float32_like_from_pretrained(model) -> None:
-    """Upcast what diffusers' ``from_pretrained`` keeps in float32 (``_keep_in_fp32_modules``).
-
-    Same rule as diffusers' loader: a parameter or buffer whose dotted name has one of those
-    module names as a part (the Wan transformer's norms, time embedder, modulation tables).
-    """
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    for name, tensor in tensors:
-        if keep & set(name.split(".")) and tensor.is_floating_point():
-            tensor.data = tensor.data.float()
 
 
 class StageTimer:

@@ -52,11 +52,12 @@ def build_transformer_and_vae(config: str, device: torch.device, dtype: torch.dt
         with torch.device(device):
             components = _build_components("t2v")
         return components["transformer"].to(dtype), components["vae"], (64, 64, 17)
-    import bench.inference as bench_inference
+    from bench.inference import DEFAULT_SIZES
+    from bench.random_models import build_random_transformer, build_random_vae
 
-    transformer = bench_inference.build_random_transformer(config, device, dtype)
-    vae = bench_inference.build_random_vae(device)
-    return transformer.eval(), vae.eval(), bench_inference.DEFAULT_SIZES[config]
+    transformer = build_random_transformer(config, device, dtype)
+    vae = build_random_vae(device)
+    return transformer.eval(), vae.eval(), DEFAULT_SIZES[config]
 
 
 def transformer_flop(transformer, tokens: int) -> float:

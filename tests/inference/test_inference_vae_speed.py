@@ -35,7 +35,7 @@ def with_random_biases_and_gains(vae):
 @pytest.fixture(scope="module")
 def wan21_vae():
     """A VAE of the real Wan2.1 configuration with random weights, biases and norm gains."""
-    from bench.inference import build_random_vae
+    from bench.random_models import build_random_vae
 
     torch.manual_seed(0)
     vae = build_random_vae(torch.device("cpu")).eval()
