@@ -39,7 +39,12 @@ class InferenceOptions:
         importable, off on CPU. The first call per input shape compiles (tens of seconds); call
         :func:`inference.generate.warm_up` before serving.
     ``cache`` [none | first_block | taylorseer]: step-to-step transformer caching. Lossy, so off
-        by default; ``first_block`` uses ``cache_threshold``, ``taylorseer`` diffusers' defaults.
+        by default. ``first_block`` (First Block Cache): a step whose first block's output changed
+        by less than ``cache_threshold`` (relative) skips the other blocks and reuses their last
+        residual. ``taylorseer`` (lite mode): steps 0-2 and every fifth from step 4 (4, 9, 14, ...)
+        run the transformer, the others skip every block and extrapolate its output from the last
+        two computed steps (at the default 4 steps: step 3). With ``compile`` the blocks' forward
+        is compiled and the cache decides around it.
     ``cache_threshold`` [float > 0]: First Block Cache threshold; higher is faster and worse.
     ``vae_tiling`` [auto | on | off]: tiled VAE decode (less memory, seams possible). ``auto``:
         on only when the CUDA device has little free memory after the load.

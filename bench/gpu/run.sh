@@ -7,7 +7,7 @@
 # issue's targets; then the CUDA cases of tests/inference; then bench/parts.py's VAE decode
 # variants. Each run's output goes to $OUT/<name>.txt and to stdout; a run that fails or overruns
 # its limit does not stop the next, and all of them end within BUDGET_S (560) seconds of the
-# start. RUNS picks other runs (the case below: parts, the lossy speed options, ...). BENCH_ARGS
+# start. RUNS picks other runs (the case below: parts, the lossy speed options, the step caches, ...). BENCH_ARGS
 # replaces the config arguments (e.g. "--config tiny" to try the script on a CPU machine); PYTHON
 # picks the interpreter (default python3, the GPU image's).
 set -uo pipefail
@@ -63,6 +63,9 @@ for run in ${RUNS:-fast-path gpu-tests vae-variants}; do
     # The lossy speed options together: FP8 matmuls in the transformer blocks and a bfloat16 VAE.
     speed) bench speed 210 bench/inference.py $BENCH_ARGS $speed \
         || bench speed-no-compile 110 bench/inference.py $BENCH_ARGS $speed --option compile=off ;;
+    # The step caches (lossy): TaylorSeer predicts step 3 of 4; First Block Cache skips what its threshold allows.
+    cache-taylorseer) bench cache-taylorseer 210 bench/inference.py $BENCH_ARGS --option cache=taylorseer ;;
+    cache-first-block) bench cache-first-block 210 bench/inference.py $BENCH_ARGS --option cache=first_block ;;
     *) echo "unknown run $run"; exit 2 ;;
   esac
 done

@@ -205,7 +205,7 @@ def test_auto_compile_on_cuda_needs_triton(monkeypatch, triton_present, expected
     transformer = types.SimpleNamespace(compile_repeated_blocks=lambda **kwargs: compiled.append(kwargs))
     monkeypatch.setattr(fastpath.importlib.util, "find_spec", lambda name: object() if triton_present else None)
     assert fastpath._apply_compile(transformer, None, torch.device("cuda")) == expected
-    assert compiled == ([{"fullgraph": True}] if triton_present else [])
+    assert compiled == ([{"fullgraph": True, "backend": "inductor"}] if triton_present else [])
     assert fastpath._apply_compile(transformer, None, torch.device("cpu")) == "off"
 
 
