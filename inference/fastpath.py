@@ -6,6 +6,7 @@ logs and run statistics say what actually ran (e.g. ``attention_backend: native`
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 
@@ -55,9 +56,8 @@ def apply_options(pipe, options: InferenceOptions, device: torch.device) -> dict
     applied["fp8"] = _apply_fp8(transformer, options.fp8, device)
     # Compile after the attention backend and FP8 are final, and before the cache hooks, which must
     # stay outside the compiled graph (see _apply_compile).
-    applied["compile"] = _apply_compile(transformer, options.compile, device, fp8=options.fp8,
-                                        hooks_follow=options.cache != "none")
-    applied["cache"] = _apply_cache(transformer, options)
+    applied["compile"] = _apply_compile(transformer, options.compile, device, fp8=options.fp8)
+    applied["cache"] = _install_step_cache(transformer, options.cache, options.cache_threshold)
     attach_prompt_cache(pipe, options.text_cache_size)
     return applied
 
@@ -166,12 +166,16 @@ def _free_device_bytes(device: torch.device) -> int:
     return free_bytes
 
 
-def _apply_cache(transformer, options: InferenceOptions) -> str:
-    if options.cache == "first_block":
+def _install_step_cache(transformer, kind: str, threshold: float) -> str:
+    """Put ``kind``'s hooks on ``transformer`` (replacing any step cache it has) and record the pair
+    as its default, which :func:`step_cache_applied` returns to after a run that names another."""
+    if getattr(transformer, "_cache_config", None) is not None:
+        transformer.disable_cache()
+    if kind == "first_block":
         from diffusers.hooks import FirstBlockCacheConfig
 
-        transformer.enable_cache(FirstBlockCacheConfig(threshold=options.cache_threshold))
-    elif options.cache == "taylorseer":
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    elif kind == "taylorseer":
         from diffusers.hooks import TaylorSeerCacheConfig
 
         # Lite mode: on a predicted step every block is skipped and proj_out's output extrapolated.
@@ -179,7 +183,31 @@ def _apply_cache(transformer, options: InferenceOptions) -> str:
         # hooked nothing and changed nothing; caching each attention's output instead would keep ~18
         # GiB of Taylor factors for the 1.3B model at 480x832x81.
         transformer.enable_cache(TaylorSeerCacheConfig(use_lite_mode=True))
-    return options.cache
+    transformer._lightx2v_step_cache = (kind, threshold)
+    return kind
+
+
+def default_step_cache(transformer) -> tuple[str, float]:
+    """``(kind, threshold)`` of the step cache ``transformer`` runs with when a request names none:
+    the ``cache`` options :func:`apply_options` installed, else no cache."""
+    defaults = InferenceOptions()
+    return getattr(transformer, "_lightx2v_step_cache", (defaults.cache, defaults.cache_threshold))
+
+
+@contextlib.contextmanager
+def step_cache_applied(transformer, kind: str | None):
+    """Run the block with ``kind``'s step cache (None: the transformer's default, see
+    :func:`default_step_cache`); the default's hooks are back afterwards, also after an error.
+    Swapping hooks is cheap and leaves compiled blocks compiled (they sit inside the hooks)."""
+    default_kind, threshold = default_step_cache(transformer)
+    if kind is None or kind == default_kind:
+        yield
+        return
+    _install_step_cache(transformer, kind, threshold)
+    try:
+        yield
+    finally:
+        _install_step_cache(transformer, default_kind, threshold)
 
 
 # What fp8="compute" needs: FP8 tensor cores (compute capability 8.9: Ada, Hopper and later).
@@ -223,16 +251,14 @@ def match_lora_dtype(transformer) -> None:
             parameter.data = parameter.data.to(compute_dtype)
 
 
-def _apply_compile(
-    transformer, choice: bool | None, device: torch.device, fp8: str = "off", *, hooks_follow: bool = False
-) -> str:
-    """Compile the repeated transformer blocks, each as one full graph (regional compile).
+def _apply_compile(transformer, choice: bool | None, device: torch.device, fp8: str = "off") -> str:
+    """Compile each repeated transformer block's ``forward`` as one full graph (regional compile).
 
-    With ``hooks_follow`` (a step cache is applied next) each block's ``forward`` is compiled instead
-    of its whole call: the cache hooks then wrap the compiled forward from outside, and their step
-    counting and data-dependent skips run eagerly. Compiling the call, as ``compile_repeated_blocks``
-    does, traced into those hooks, where a full graph cannot go (diffusers marks their decisions
-    ``torch.compiler.disable``): every generation failed.
+    The ``forward``, not the module's call as ``compile_repeated_blocks`` does: step-cache hooks
+    (installed at load or per request, see :func:`step_cache_applied`) then wrap the compiled
+    forward from outside, and their step counting and data-dependent skips run eagerly. Compiling
+    the call traced into those hooks, where a full graph cannot go (diffusers marks their decisions
+    ``torch.compiler.disable``): every generation with a cache failed. All blocks share one graph.
     """
     # fp8="storage" casts each layer's weights inside its forward (module.to), which a full graph cannot hold.
     if choice and fp8 == "storage":
@@ -240,11 +266,9 @@ def _apply_compile(
     if choice is None:
         # Inductor's GPU code generation needs triton; without it compile would fail on first use.
         choice = device.type == "cuda" and importlib.util.find_spec("triton") is not None and fp8 != "storage"
-    if choice and hooks_follow:
+    if choice:
         for block in repeated_blocks(transformer):
             block.forward = torch.compile(block.forward, fullgraph=True, backend=COMPILE_BACKEND)
-    elif choice:
-        transformer.compile_repeated_blocks(fullgraph=True, backend=COMPILE_BACKEND)
     return "on" if choice else "off"
 
 

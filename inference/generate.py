@@ -17,6 +17,7 @@ from PIL import Image
 
 from .images import check_resize_mode, fit_size, prepare_image
 from .lora import check_lora_name, check_lora_strength
+from .options import CACHE_KINDS
 from .sampling import check_sampling
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class GenerationRequest:
     ``lora_name``/``lora_strength``: a LoRA of the ``lora_dir`` given to
         :func:`generate_frames` (a file stem, see :func:`inference.lora.list_loras`) and its
         strength in [0, 2]; None or strength 0: no LoRA.
+    ``step_cache``: one of :data:`inference.options.CACHE_KINDS` for this run (lossy speed-up,
+        see :class:`inference.options.InferenceOptions` ``cache``); None runs with the cache
+        the pipeline was loaded with (none unless its options named one).
     """
 
     prompt: str
@@ -71,6 +75,7 @@ class GenerationRequest:
     resize_mode: str = "stretch"
     lora_name: str | None = None
     lora_strength: float = 1.0
+    step_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.infer_steps < 1:
@@ -86,6 +91,8 @@ class GenerationRequest:
         if self.lora_name is not None:
             check_lora_name(self.lora_name)  # LoraError is a ValueError
         check_lora_strength(self.lora_strength)
+        if self.step_cache is not None and self.step_cache not in CACHE_KINDS:
+            raise ValueError(f"step_cache must be one of {', '.join(CACHE_KINDS)}; got {self.step_cache!r}")
 
     @property
     def kind(self) -> str:
@@ -152,6 +159,7 @@ def generate_frames(
     """
     from diffusers import WanImageToVideoPipeline
 
+    from .fastpath import step_cache_applied
     from .lora import lora_applied
     from .pipelines import pipe_lock
     from .sampling import scheduler_applied
@@ -168,7 +176,8 @@ def generate_frames(
         patch_wan_i2v_without_ftfy()  # for pipes not built by load_pipeline
 
     with pipe_lock(pipe), lora_applied(pipe, lora_dir, request.lora_name, request.lora_strength), \
-            scheduler_applied(pipe, request.scheduler, request.sample_shift):
+            scheduler_applied(pipe, request.scheduler, request.sample_shift), \
+            step_cache_applied(pipe.transformer, request.step_cache):
         kwargs = _pipeline_kwargs(pipe, request, on_step)
         streamed: list[tuple[np.ndarray, object]] = []  # (host chunk, the same chunk on the device)
         try:

@@ -38,8 +38,9 @@ class InferenceOptions:
         (``compile_repeated_blocks(fullgraph=True)``). ``None`` (auto): on for CUDA when triton is
         importable, off on CPU. The first call per input shape compiles (tens of seconds); call
         :func:`inference.generate.warm_up` before serving.
-    ``cache`` [none | first_block | taylorseer]: step-to-step transformer caching. Lossy, so off
-        by default. ``first_block`` (First Block Cache): a step whose first block's output changed
+    ``cache`` [none | first_block | taylorseer]: step-to-step transformer caching, for runs whose
+        request names no ``step_cache`` (:class:`inference.generate.GenerationRequest`). Lossy, so
+        off by default. ``first_block`` (First Block Cache): a step whose first block's output changed
         by less than ``cache_threshold`` (relative) skips the other blocks and reuses their last
         residual. ``taylorseer`` (lite mode): steps 0-2 and every fifth from step 4 (4, 9, 14, ...)
         run the transformer, the others skip every block and extrapolate its output from the last

@@ -54,6 +54,9 @@ class VideoTask(models.Model):
     resize_mode = models.CharField(
         max_length=16, default="adaptive", help_text="how an I2V image meets the size: adaptive | fixed_shape"
     )
+    step_cache = models.CharField(
+        max_length=16, default="none", help_text="step cache used (lossy speed-up): none | first_block | taylorseer"
+    )
 
     callback_url = models.URLField(
         max_length=2000, blank=True, help_text="POSTed a signed JSON body on every terminal state"

@@ -15,6 +15,7 @@ from rest_framework import serializers
 from inference.images import RESIZE_MODES as INFERENCE_RESIZE_MODES
 from inference.images import fit_size
 from inference.lora import MAX_LORA_STRENGTH, list_loras
+from inference.options import CACHE_KINDS
 from inference.sampling import default_shift
 
 from . import images, selectors, storage, webhooks
@@ -92,6 +93,12 @@ class VideoRequestSerializer(serializers.Serializer):
         "fixed_shape crops the centre to exactly height x width",
     )  # fmt: skip
 
+    step_cache = serializers.ChoiceField(
+        choices=CACHE_KINDS, required=False, allow_null=True, default=None,
+        help_text="lossy speed-up: skip transformer work on steps like the previous ones (taylorseer: 5 of 12 "
+        "steps computed, ~3 of 4 at 4 steps); null: the server's LIGHTX2V_CACHE",
+    )  # fmt: skip
+
     def validate_video_duration(self, value: int) -> int:
         if value > settings.LIGHTX2V_MAX_DURATION:
             raise serializers.ValidationError(f"must be at most {settings.LIGHTX2V_MAX_DURATION} seconds")
@@ -144,6 +151,8 @@ class VideoRequestSerializer(serializers.Serializer):
                 attrs["image"].width, attrs["image"].height,
                 height=attrs["height"], width=attrs["width"], resize_mode=attrs["resize_mode"],
             )  # fmt: skip
+        if not attrs["step_cache"]:
+            attrs["step_cache"] = settings.LIGHTX2V_INFERENCE_OPTIONS.cache
         if attrs["sample_shift"] is None:
             attrs["sample_shift"] = default_shift(attrs["height"], attrs["width"], distilled=settings.LIGHTX2V_DISTILLED)
         return attrs
@@ -156,6 +165,7 @@ class VideoFormRequestSerializer(VideoRequestSerializer):
     # A form field cannot carry null: leave these out (or empty) for the defaults.
     seed = StrictIntegerField(required=False, default=None, min_value=0, max_value=MAX_SEED)
     sample_shift = FiniteFloatField(required=False, default=None, min_value=0.5, max_value=20.0)
+    step_cache = serializers.ChoiceField(choices=CACHE_KINDS, required=False, allow_blank=True, default=None)
 
     def validate_image_file(self, upload):
         # Oversized uploads were already refused with 413 by the view, before decoding.
@@ -201,6 +211,7 @@ class TaskStatusSerializer(serializers.ModelSerializer):
     attempts = TaskAttemptSerializer(source="attempt_records", many=True, read_only=True)
     callback_url = serializers.CharField(read_only=True, help_text='"" when none was given')
     resize_mode = serializers.ChoiceField(choices=RESIZE_MODES, read_only=True)
+    step_cache = serializers.ChoiceField(choices=CACHE_KINDS, read_only=True)
     video_info = serializers.DictField(read_only=True, help_text="frames, fps, duration_s, width, height, size_bytes")
     run_stats = serializers.DictField(read_only=True, help_text="timings and counters of the last run")
     queue_position = serializers.SerializerMethodField()
@@ -214,7 +225,7 @@ class TaskStatusSerializer(serializers.ModelSerializer):
             "task_id", "status", "progress", "message", "task_type",
             "prompt", "negative_prompt", "image_path", "infer_steps", "video_duration", "seed",
             "height", "width", "num_fragments", "guidance_scale", "sample_shift", "lora_name", "lora_strength",
-            "resize_mode", "callback_url",
+            "resize_mode", "step_cache", "callback_url",
             "created_at", "started_at", "finished_at", "attempt_count", "attempts",
             "queue_position", "eta_s", "file_path", "result_url", "poster_url", "video_info", "run_stats",
         ]  # fmt: skip

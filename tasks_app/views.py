@@ -19,6 +19,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
 from inference.lora import list_loras
+from inference.options import CACHE_KINDS
 from inference.sampling import SCHEDULERS
 
 from . import fingerprints, selectors, services, storage
@@ -254,6 +255,9 @@ class ServiceViewSet(viewsets.ViewSet):
                 "loras": list_loras(settings.LIGHTX2V_LORA_DIR),
                 "schedulers": {"available": list(SCHEDULERS), "configured": settings.LIGHTX2V_SCHEDULER or "model"},
                 "resize_modes": list(RESIZE_MODES),
+                "step_caches": {
+                    "available": list(CACHE_KINDS), "default": settings.LIGHTX2V_INFERENCE_OPTIONS.cache,
+                },
                 "limits": {
                     "infer_steps": [1, 50], "video_duration": [1, settings.LIGHTX2V_MAX_DURATION],
                     "size": [16, 1280], "size_multiple": 16, "max_pixels": settings.LIGHTX2V_MAX_PIXELS,

@@ -266,6 +266,7 @@ def _first_request(task) -> GenerationRequest:
         resize_mode="fixed_shape",
         lora_name=task.lora_name or None,
         lora_strength=task.lora_strength,
+        step_cache=task.step_cache,
     )
 
 

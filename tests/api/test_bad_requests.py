@@ -99,6 +99,8 @@ CORPUS = [
     Bad("sample_shift zero", "json", {**OK, "sample_shift": 0}, 400, "sample_shift"),
     Bad("sample_shift text", "json", {**OK, "sample_shift": "high"}, 400, "sample_shift"),
     Bad("resize_mode unknown", "json", {**OK, "resize_mode": "stretch"}, 400, "resize_mode"),
+    Bad("step_cache unknown", "json", {**OK, "step_cache": "teacache"}, 400, "step_cache"),
+    Bad("step_cache not a string", "json", {**OK, "step_cache": 1}, 400, "step_cache"),
     Bad("callback to loopback", "json", {**OK, "callback_url": "http://127.0.0.1:9/hook"}, 400, "callback_url"),
     Bad("callback to localhost", "json", {**OK, "callback_url": "http://localhost/hook"}, 400, "callback_url"),
     Bad("callback to metadata IP", "json", {**OK, "callback_url": "http://169.254.169.254/"}, 400, "callback_url"),

@@ -1,6 +1,7 @@
 """Submitting tasks: defaults, recorded seed, I2V inputs (bad input: test_bad_requests.py)."""
 import base64
 
+from inference.options import InferenceOptions
 from tasks_app.models import VideoTask
 from tests.conftest import png_bytes
 
@@ -31,6 +32,24 @@ def test_status_reports_the_parameters_as_used_including_a_drawn_seed(api):
     assert status["seed"] == task.seed and status["height"] == 64 and status["width"] == 96
     assert status["status"] == "submitted" and status["progress"] == 0.0 and status["queue_position"] == 1
     assert status["task_type"] == "t2v" and status["file_path"] == "" and status["result_url"] is None
+
+
+def test_step_cache_is_the_servers_unless_the_request_names_one(api, settings):
+    def submitted_cache(body: dict, path: str = SUBMIT, format: str = "json") -> str:
+        response = api.post(path, {"prompt": "p", **body}, format=format)
+        assert response.status_code == 201, response.json()
+        task_id = response.json()["task_id"]
+        assert api.get(f"/v1/tasks/{task_id}/status").json()["step_cache"] == VideoTask.objects.get(task_id=task_id).step_cache
+        return VideoTask.objects.get(task_id=task_id).step_cache
+
+    assert submitted_cache({}) == submitted_cache({"step_cache": None}) == "none"
+    assert submitted_cache({"step_cache": "taylorseer"}) == "taylorseer"
+    assert submitted_cache({"step_cache": "first_block"}, SUBMIT_FORM, "multipart") == "first_block"
+    settings.LIGHTX2V_INFERENCE_OPTIONS = InferenceOptions(cache="first_block")
+    assert submitted_cache({}) == submitted_cache({"step_cache": ""}, SUBMIT_FORM, "multipart") == "first_block"
+    assert submitted_cache({"step_cache": "none"}) == "none"
+    metadata = api.get("/v1/service/metadata").json()["step_caches"]
+    assert metadata == {"available": ["none", "first_block", "taylorseer"], "default": "first_block"}
 
 
 def test_queue_position_counts_tasks_queued_earlier(api, make_api):

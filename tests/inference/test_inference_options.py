@@ -199,25 +199,37 @@ def test_setting_a_backend_leaves_the_process_default_alone(tiny_models):
     assert pipe.transformer.blocks[0].attn1.processor._attention_backend.value == "_native_math"
 
 
+class _Block(torch.nn.Module):
+    pass
+
+
+def _blocks_to_compile(monkeypatch) -> tuple[torch.nn.Module, list[dict]]:
+    """A transformer of two repeated blocks, and the torch.compile calls _apply_compile makes."""
+    transformer = torch.nn.Module()
+    transformer._repeated_blocks = ("_Block",)
+    transformer.blocks = torch.nn.ModuleList([_Block(), _Block()])
+    calls = []
+    monkeypatch.setattr(fastpath.torch, "compile", lambda function, **kwargs: calls.append(kwargs) or function)
+    return transformer, calls
+
+
 @pytest.mark.parametrize("triton_present, expected", [(True, "on"), (False, "off")])
 def test_auto_compile_on_cuda_needs_triton(monkeypatch, triton_present, expected):
-    compiled = []
-    transformer = types.SimpleNamespace(compile_repeated_blocks=lambda **kwargs: compiled.append(kwargs))
+    transformer, compiled = _blocks_to_compile(monkeypatch)
     monkeypatch.setattr(fastpath.importlib.util, "find_spec", lambda name: object() if triton_present else None)
     assert fastpath._apply_compile(transformer, None, torch.device("cuda")) == expected
-    assert compiled == ([{"fullgraph": True, "backend": "inductor"}] if triton_present else [])
+    assert compiled == ([{"fullgraph": True, "backend": "inductor"}] * 2 if triton_present else [])
     assert fastpath._apply_compile(transformer, None, torch.device("cpu")) == "off"
 
 
 def test_fp8_storage_is_never_compiled(monkeypatch):
-    compiled = []
-    transformer = types.SimpleNamespace(compile_repeated_blocks=lambda **kwargs: compiled.append(kwargs))
+    transformer, compiled = _blocks_to_compile(monkeypatch)
     monkeypatch.setattr(fastpath.importlib.util, "find_spec", lambda name: object())
     assert fastpath._apply_compile(transformer, None, torch.device("cuda"), fp8="storage") == "off"
     with pytest.raises(fastpath.OptionNotUsable, match="compile=on cannot be combined with fp8=storage"):
         fastpath._apply_compile(transformer, True, torch.device("cuda"), fp8="storage")
     assert fastpath._apply_compile(transformer, None, torch.device("cuda"), fp8="compute") == "on"
-    assert len(compiled) == 1
+    assert len(compiled) == 2  # each block once
 
 
 @pytest.mark.parametrize("free_gib, expected", [(4, "on"), (60, "off")])

@@ -12,16 +12,18 @@ from inference.options import InferenceOptions
 CPU = torch.device("cpu")
 
 
-def request(steps: int) -> GenerationRequest:
-    return GenerationRequest(prompt="a cat", num_frames=5, height=32, width=32, infer_steps=steps, seed=3)
+def request(steps: int, step_cache: str | None = None) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="a cat", num_frames=5, height=32, width=32, infer_steps=steps, seed=3, step_cache=step_cache
+    )
 
 
-def last_block_passes(pipe, steps: int) -> tuple[int, np.ndarray]:
+def last_block_passes(pipe, steps: int, step_cache: str | None = None) -> tuple[int, np.ndarray]:
     """How often the last transformer block computed during one ``steps``-step run, and its frames."""
     passes = []
     hook = pipe.transformer.blocks[-1].attn1.register_forward_pre_hook(lambda *args: passes.append(1))
     try:
-        frames = generate_frames(pipe, request(steps))
+        frames = generate_frames(pipe, request(steps, step_cache))
     finally:
         hook.remove()
     return len(passes), frames
@@ -52,6 +54,37 @@ def test_first_block_cache_skips_the_later_blocks_on_similar_steps(fresh_t2v_pip
     np.testing.assert_array_equal(again, frames)
 
 
+def test_a_request_names_its_step_cache_and_the_pipelines_default_comes_back(fresh_t2v_pipe, t2v_pipe):
+    steps = 12
+    fastpath.apply_options(fresh_t2v_pipe, InferenceOptions(cache="first_block", cache_threshold=0.2), CPU)
+    default_passes, default_frames = last_block_passes(fresh_t2v_pipe, steps)
+    assert last_block_passes(fresh_t2v_pipe, steps, "taylorseer")[0] == 5
+    passes, frames = last_block_passes(fresh_t2v_pipe, steps, "none")
+    assert passes == steps
+    np.testing.assert_array_equal(frames, generate_frames(t2v_pipe, request(steps)))  # no cache: stock frames
+    again_passes, again = last_block_passes(fresh_t2v_pipe, steps)  # None: the loaded default again
+    assert again_passes == default_passes < steps
+    np.testing.assert_array_equal(again, default_frames)
+    assert last_block_passes(t2v_pipe, steps, "first_block")[0] < steps  # on a pipe loaded without one
+    assert last_block_passes(t2v_pipe, steps)[0] == steps
+
+
+def test_a_failed_run_still_puts_the_default_step_cache_back(fresh_t2v_pipe):
+    fastpath.apply_options(fresh_t2v_pipe, InferenceOptions(cache="taylorseer", text_cache_size=0), CPU)
+
+    def fail(step: int, total: int) -> None:
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        generate_frames(fresh_t2v_pipe, request(4, "none"), on_step=fail)
+    assert last_block_passes(fresh_t2v_pipe, 4)[0] == 3
+
+
+def test_an_unknown_step_cache_is_refused():
+    with pytest.raises(ValueError, match="step_cache must be one of none, first_block, taylorseer"):
+        request(4, "teacache")
+
+
 @pytest.mark.parametrize("cache", ["first_block", "taylorseer"])
 def test_a_step_cache_runs_with_the_blocks_compiled_as_full_graphs(tiny_models, monkeypatch, cache):
     """compile=on (auto on CUDA) with a cache: the hooks decide outside the compiled forward. Dynamo's
@@ -68,9 +101,13 @@ def test_a_step_cache_runs_with_the_blocks_compiled_as_full_graphs(tiny_models, 
         assert (applied["compile"], applied["cache"]) == ("on" if compiled else "off", cache)
     torch._dynamo.reset()
     try:
-        for steps in (1, 6):  # 1: the worker's warm-up
+        # 1 step: the worker's warm-up; then a request that names no cache, so its hooks come off and back.
+        for steps, step_cache in ((1, None), (6, None), (6, "none"), (6, None)):
             np.testing.assert_array_equal(
-                generate_frames(pipes[True], request(steps)), generate_frames(pipes[False], request(steps))
+                generate_frames(pipes[True], request(steps, step_cache)),
+                generate_frames(pipes[False], request(steps, step_cache)),
             )
+        with fastpath.step_cache_applied(pipes[True].transformer, "none"):  # the hooks come off the compiled forward
+            assert all(hasattr(block.forward, "_torchdynamo_orig_callable") for block in pipes[True].transformer.blocks)
     finally:
         torch._dynamo.reset()

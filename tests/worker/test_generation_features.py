@@ -74,6 +74,17 @@ def test_guidance_runs_cfg_only_above_one(workers, http):
     assert results[0] != results[1]
 
 
+def test_a_request_picks_its_step_cache_and_the_next_runs_without(workers, http):
+    workers.start()
+    request = {"prompt": "waves", **TINY, "infer_steps": 4}  # taylorseer computes steps 0-2, predicts step 3
+    tasks = [_succeeded(http, submit(http, {**request, **cache})) for cache in ({}, {"step_cache": "taylorseer"}, {})]
+
+    assert [task["step_cache"] for task in tasks] == ["none", "taylorseer", "none"]
+    plain, cached, after = (http.get(f"/v1/tasks/{task['task_id']}/result").content for task in tasks)
+    assert cached != plain  # lossy: the predicted step
+    assert after == plain  # the cache came off again for the next task
+
+
 def test_a_finished_task_has_a_poster_and_video_metadata(workers, http):
     workers.start()
     final = _succeeded(http, submit(http, {"prompt": "a poster", **TINY}))
