@@ -35,7 +35,7 @@ class InferenceOptions:
         on Hopper); on CPU native. ``sage`` (int8 Q/K) is never chosen by ``auto`` because it
         changes the output. An explicit backend that cannot run fails the load.
     ``compile`` [auto | on | off]: regional ``torch.compile`` of the repeated transformer blocks
-        (``compile_repeated_blocks(fullgraph=True)``). ``None`` (auto): on for CUDA when triton is
+        (each block's ``forward`` one full graph). ``None`` (auto): on for CUDA when triton is
         importable, off on CPU. The first call per input shape compiles (tens of seconds); call
         :func:`inference.generate.warm_up` before serving.
     ``cache`` [none | first_block | taylorseer]: step-to-step transformer caching, for runs whose

@@ -48,6 +48,12 @@ class FiniteFloatField(serializers.FloatField):
         return value
 
 
+STEP_CACHE_HELP = (
+    "lossy speed-up: skip transformer work on steps like the previous ones (taylorseer computes 3 of 4 steps at "
+    "the default 4, 5 of 12); left out: the server's LIGHTX2V_CACHE (see /v1/service/metadata step_caches)"
+)
+
+
 def _size_field(default: int) -> StrictIntegerField:
     return StrictIntegerField(default=default, min_value=SIZE_MIN, max_value=SIZE_MAX)
 
@@ -94,10 +100,8 @@ class VideoRequestSerializer(serializers.Serializer):
     )  # fmt: skip
 
     step_cache = serializers.ChoiceField(
-        choices=CACHE_KINDS, required=False, allow_null=True, default=None,
-        help_text="lossy speed-up: skip transformer work on steps like the previous ones (taylorseer: 5 of 12 "
-        "steps computed, ~3 of 4 at 4 steps); null: the server's LIGHTX2V_CACHE",
-    )  # fmt: skip
+        choices=CACHE_KINDS, required=False, allow_null=True, default=None, help_text=STEP_CACHE_HELP
+    )
 
     def validate_video_duration(self, value: int) -> int:
         if value > settings.LIGHTX2V_MAX_DURATION:
@@ -165,7 +169,9 @@ class VideoFormRequestSerializer(VideoRequestSerializer):
     # A form field cannot carry null: leave these out (or empty) for the defaults.
     seed = StrictIntegerField(required=False, default=None, min_value=0, max_value=MAX_SEED)
     sample_shift = FiniteFloatField(required=False, default=None, min_value=0.5, max_value=20.0)
-    step_cache = serializers.ChoiceField(choices=CACHE_KINDS, required=False, allow_blank=True, default=None)
+    step_cache = serializers.ChoiceField(
+        choices=CACHE_KINDS, required=False, allow_blank=True, default=None, help_text=STEP_CACHE_HELP
+    )
 
     def validate_image_file(self, upload):
         # Oversized uploads were already refused with 413 by the view, before decoding.
