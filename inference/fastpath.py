@@ -190,8 +190,7 @@ def _install_step_cache(transformer, kind: str, threshold: float) -> str:
 def default_step_cache(transformer) -> tuple[str, float]:
     """``(kind, threshold)`` of the step cache ``transformer`` runs with when a request names none:
     the ``cache`` options :func:`apply_options` installed, else no cache."""
-    defaults = InferenceOptions()
-    return getattr(transformer, "_lightx2v_step_cache", (defaults.cache, defaults.cache_threshold))
+    return getattr(transformer, "_lightx2v_step_cache", (InferenceOptions.cache, InferenceOptions.cache_threshold))
 
 
 @contextlib.contextmanager

@@ -39,8 +39,9 @@ def test_step_cache_is_the_servers_unless_the_request_names_one(api, settings):
         response = api.post(path, {"prompt": "p", **body}, format=format)
         assert response.status_code == 201, response.json()
         task_id = response.json()["task_id"]
-        assert api.get(f"/v1/tasks/{task_id}/status").json()["step_cache"] == VideoTask.objects.get(task_id=task_id).step_cache
-        return VideoTask.objects.get(task_id=task_id).step_cache
+        stored = VideoTask.objects.get(task_id=task_id).step_cache
+        assert api.get(f"/v1/tasks/{task_id}/status").json()["step_cache"] == stored
+        return stored
 
     assert submitted_cache({}) == submitted_cache({"step_cache": None}) == "none"
     assert submitted_cache({"step_cache": "taylorseer"}) == "taylorseer"
