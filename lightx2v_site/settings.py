@@ -229,8 +229,9 @@ LIGHTX2V_RETRY_AFTER_S = env_int("LIGHTX2V_RETRY_AFTER_S", 30)
 # How long an Idempotency-Key keeps returning its original task.
 LIGHTX2V_IDEMPOTENCY_TTL_S = env_int("LIGHTX2V_IDEMPOTENCY_TTL_S", 24 * 3600)
 
-# Request bodies: JSON (with a data: URL image, base64 of up to LIGHTX2V_MAX_UPLOAD_BYTES) is capped by
-# DATA_UPLOAD_MAX_MEMORY_SIZE; multipart uploads are cut off by tasks_app.uploads as they stream in.
+# Request bodies: JSON and urlencoded ones (a data: URL image is base64 of up to LIGHTX2V_MAX_UPLOAD_BYTES)
+# are capped at DATA_UPLOAD_MAX_MEMORY_SIZE (413, tasks_app.errors); multipart uploads are cut off by
+# tasks_app.uploads as they stream in.
 DATA_UPLOAD_MAX_MEMORY_SIZE = LIGHTX2V_MAX_UPLOAD_BYTES * 4 // 3 + 64 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_HANDLERS = [

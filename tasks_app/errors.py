@@ -1,7 +1,8 @@
 """Domain errors raised by services, and the one place that turns them (and Django's) into JSON 4xx."""
 import logging
 
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, TooManyFieldsSent
 from django.db import OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
@@ -77,7 +78,11 @@ def api_exception_handler(exc, context):
             status=status.HTTP_503_SERVICE_UNAVAILABLE,
             headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
         )
-    if isinstance(exc, Http404):
+    if isinstance(exc, RequestDataTooBig):
+        exc = PayloadTooLarge(f"request body must be at most {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes")
+    elif isinstance(exc, TooManyFieldsSent):
+        exc = exceptions.ParseError(f"at most {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} form fields")
+    elif isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()

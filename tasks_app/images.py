@@ -14,7 +14,7 @@ from django.conf import settings
 from PIL import Image, UnidentifiedImageError
 
 ACCEPTED_FORMATS = {"PNG", "JPEG", "WEBP"}
-DATA_URL = re.compile(r"^data:image/(?P<subtype>[a-z0-9.+-]+);base64,(?P<payload>.*)$", re.IGNORECASE | re.DOTALL)
+DATA_URL = re.compile(r"^data:image/(?P<subtype>[a-z0-9.+-]{1,40});base64,(?P<payload>.*)$", re.IGNORECASE | re.DOTALL)
 
 
 class InvalidImage(ValueError):

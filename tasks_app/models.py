@@ -37,7 +37,7 @@ class VideoTask(models.Model):
     # The request, as used (the seed is drawn at submit time when the client gave none).
     prompt = models.TextField()
     negative_prompt = models.TextField(blank=True)
-    image_path = models.CharField(max_length=1024, blank=True, help_text="the client's image_path, verbatim")
+    image_path = models.CharField(max_length=1024, blank=True, help_text="the client's image_path; only the header of a data: URL")
     input_image = models.CharField(
         max_length=255, blank=True, help_text="stored input image, relative to LIGHTX2V_UPLOAD_ROOT"
     )

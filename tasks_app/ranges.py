@@ -10,6 +10,7 @@ from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 
 _SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 CHUNK_BYTES = 64 * 1024
+MAX_POSITION_DIGITS = 19
 
 
 def _requested_span(header: str, size: int) -> tuple[int, int] | None | str:
@@ -19,13 +20,19 @@ def _requested_span(header: str, size: int) -> tuple[int, int] | None | str:
         return None
     first, last = match.groups()
     if first == "":  # the last N bytes
-        length = int(last)
+        length = _position(last)
         return (max(size - length, 0), size - 1) if length and size else "unsatisfiable"
-    first = int(first)
-    last = min(int(last), size - 1) if last else size - 1
+    first = _position(first)
+    last = min(_position(last), size - 1) if last else size - 1
     if first >= size:
         return "unsatisfiable"
     return None if last < first else (first, last)
+
+
+def _position(digits: str) -> int:
+    """A byte position; any number of digits (int() refuses over 4300), capped far beyond any file."""
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= MAX_POSITION_DIGITS else 10**MAX_POSITION_DIGITS
 
 
 def _read_span(store, name: str, first: int, last: int):

@@ -25,6 +25,7 @@ from .services import MAX_SEED
 # The API offers inference's fitting rules except "stretch" (which distorts the image).
 RESIZE_MODES = tuple(mode for mode in INFERENCE_RESIZE_MODES if mode != "stretch")
 PROMPT_MAX_CHARS = 2000
+IMAGE_PATH_MAX_CHARS = VideoTask._meta.get_field("image_path").max_length
 SIZE_STEP = 16
 SIZE_MIN, SIZE_MAX = 16, 1280
 
@@ -70,7 +71,8 @@ class VideoRequestSerializer(serializers.Serializer):
         allow_blank=True,
         default="",
         trim_whitespace=True,
-        help_text="I2V input: a file inside LIGHTX2V_INPUT_ROOTS or a data:image/...;base64, URL",
+        help_text="I2V input: a file inside LIGHTX2V_INPUT_ROOTS or a data:image/...;base64, URL "
+        "(the task then shows only the URL's header)",
     )
     infer_steps = StrictIntegerField(default=4, min_value=1, max_value=50)
     video_duration = StrictIntegerField(default=5, min_value=1, help_text="seconds; 16 frames per second")
@@ -114,12 +116,15 @@ class VideoRequestSerializer(serializers.Serializer):
     def validate_width(self, value: int) -> int:
         return _multiple_of_16(value)
 
-    def validate_image_path(self, value: str):
+    def validate_image_path(self, value: str) -> str:
+        """The image is decoded here; a data URL is recorded by its header (the image itself is stored)."""
         if not value:
             return value
         if value.lower().startswith("data:"):
             self._input_image = _or_field_error(images.decode_data_url, value)
-            return value
+            return value[: value.index(",") + 1]
+        if len(value) > IMAGE_PATH_MAX_CHARS:
+            raise serializers.ValidationError(f"must be at most {IMAGE_PATH_MAX_CHARS} characters")
         resolved = storage.resolve_input_path(value)
         if resolved is None:
             raise serializers.ValidationError("must name an existing file inside the configured input folders")

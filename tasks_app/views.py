@@ -14,7 +14,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
@@ -23,6 +23,7 @@ from inference.options import CACHE_KINDS
 from inference.sampling import SCHEDULERS
 
 from . import fingerprints, selectors, services, storage
+from .parsers import UnicodeJSONParser
 from .ranges import file_response
 from .models import VideoTask
 from .serializers import (
@@ -99,7 +100,7 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
         responses={201: TaskCreatedSerializer, 200: TaskCreatedSerializer, **SUBMIT_ERRORS},
         summary="Submit a video task (JSON)",
     )
-    @action(detail=False, methods=["post"], parser_classes=[JSONParser])
+    @action(detail=False, methods=["post"], parser_classes=[UnicodeJSONParser])
     def submit_json(self, request):
         request_serializer = VideoRequestSerializer(data=request.data)
         request_serializer.is_valid(raise_exception=True)

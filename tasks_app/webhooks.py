@@ -47,10 +47,14 @@ def check_callback_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CallbackRefused("must be an http or https URL")
+    try:
+        port = parts.port or 443
+    except ValueError as exc:  # urlsplit parses lazily: "port out of range", "port could not be cast"
+        raise CallbackRefused("port must be a number from 1 to 65535") from exc
     if settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE:
         return
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)}
+        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)}
     except (socket.gaierror, UnicodeError) as exc:
         raise CallbackRefused("host does not resolve") from exc
     for address in addresses:

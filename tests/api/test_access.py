@@ -196,6 +196,10 @@ def test_openapi_schema_and_docs_are_served(client, db):
         ("bytes=1000-", 416, "bytes */1000", None),
         ("bytes=5-2", 200, None, None),  # not a usable range: the whole file
         ("items=0-3", 200, None, None),
+        ("bytes=" + "9" * 5000 + "-", 416, "bytes */1000", None),  # past Python's int() digit limit
+        ("bytes=0-" + "9" * 5000, 206, "bytes 0-999/1000", b"0123456789" * 100),
+        ("bytes=-" + "9" * 5000, 206, "bytes 0-999/1000", b"0123456789" * 100),
+        ("bytes=" + "0" * 5000 + "2-3", 206, "bytes 2-3/1000", b"23"),
     ],
 )
 def test_both_downloads_honour_range_requests(api, task_id, range_header, status, content_range, body):

@@ -105,6 +105,7 @@ CORPUS = [
     Bad("callback to localhost", "json", {**OK, "callback_url": "http://localhost/hook"}, 400, "callback_url"),
     Bad("callback to metadata IP", "json", {**OK, "callback_url": "http://169.254.169.254/"}, 400, "callback_url"),
     Bad("callback to private net", "json", {**OK, "callback_url": "https://10.0.0.8/hook"}, 400, "callback_url"),
+    Bad("callback port out of range", "json", {**OK, "callback_url": "http://example.com:99999/x"}, 400, "callback_url"),
     Bad("callback not http", "json", {**OK, "callback_url": "ftp://example.com/x"}, 400, "callback_url"),
     # --- image_path: traversal in every spelling, URLs, fake images -------------------------------
     Bad("image_path absolute secret", "json", {**OK, "image_path": "{secret}"}, 400, "image_path"),
@@ -124,6 +125,7 @@ CORPUS = [
     Bad("image_path text file", "json", {**OK, "image_path": "notes.png"}, 400, "image_path"),
     Bad("image_path http URL (SSRF)", "json", {**OK, "image_path": "http://169.254.169.254/latest/"}, 400, "image_path"),
     Bad("image_path file URL", "json", {**OK, "image_path": "file://{secret}"}, 400, "image_path"),
+    Bad("image_path longer than a path", "json", {**OK, "image_path": "a/" * 3000 + "in.png"}, 400, "image_path"),
     Bad("data URL bad base64", "json", {**OK, "image_path": "data:image/png;base64,not-base64!!"}, 400, "image_path"),
     Bad("data URL not an image", "json", {**OK, "image_path": _data_url(b"not an image")}, 400, "image_path"),
     Bad("data URL text type", "json", {**OK, "image_path": "data:text/plain;base64,aGVsbG8="}, 400, "image_path"),
@@ -134,10 +136,22 @@ CORPUS = [
     Bad("JSON list body", "raw", '["prompt"]', 400, "non_field_errors", content_type="application/json"),
     Bad("JSON string body", "raw", '"p"', 400, "non_field_errors", content_type="application/json"),
     Bad("JSON invalid UTF-8", "raw", b'{"prompt": "\xff\xfe"}', 400, "detail", content_type="application/json"),
+    Bad("JSON lone surrogate in prompt", "raw", '{"prompt": "a\\ud800b"}', 400, "detail", content_type="application/json"),
+    Bad(
+        "JSON lone surrogate in an unknown field", "raw", '{"prompt": "p", "note": ["\\udfff"]}', 400, "detail",
+        content_type="application/json",
+    ),
+    Bad("JSON body over the cap", "raw", json.dumps({"prompt": "p", "pad": "x" * 300_000}), 413, "detail",
+        content_type="application/json"),  # fmt: skip
     Bad("text/plain to JSON endpoint", "raw", "prompt=p", 415, "detail", content_type="text/plain"),
     Bad("JSON to multipart endpoint", "raw-form", '{"prompt": "p"}', 415, "detail", content_type="application/json"),
     Bad(
         "multipart without boundary", "raw-form", "--x\r\n", 400, "detail", content_type="multipart/form-data"
+    ),
+    Bad("form with too many fields", "form", {**OK, **{f"f{i}": "x" for i in range(120)}}, 400, "detail"),
+    Bad(
+        "urlencoded body over the cap", "raw-form", "prompt=p&pad=" + "x" * 300_000, 413, "detail",
+        content_type="application/x-www-form-urlencoded",
     ),
     Bad("form number not a number", "form", {"prompt": "p", "height": "abc"}, 400, "height"),
     Bad("form missing prompt", "form", {"height": "64"}, 400, "prompt"),
@@ -189,6 +203,7 @@ def sandbox(settings, tmp_path):
     (inputs / "link-out.png").symlink_to(secret)
     settings.LIGHTX2V_INPUT_ROOTS = [inputs]
     settings.LIGHTX2V_MAX_UPLOAD_BYTES = 64 * 1024
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
     output_root = tmp_path / "outputs"
     videos = output_root / "videos"
     videos.mkdir(parents=True)

@@ -1,5 +1,9 @@
 """Submitting tasks: defaults, recorded seed, I2V inputs (bad input: test_bad_requests.py)."""
 import base64
+import io
+import os
+
+from PIL import Image
 
 from inference.options import InferenceOptions
 from tasks_app.models import VideoTask
@@ -77,11 +81,30 @@ def test_image_path_inside_an_input_root_makes_an_i2v_task(api, input_root):
     assert task.task_type == "i2v" and task.input_image == f"{task.task_id}.png"
 
 
-def test_data_url_image_makes_an_i2v_task(api):
-    data_url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+def test_data_url_image_makes_an_i2v_task_and_is_recorded_by_its_header(api, settings):
+    """A data URL of any accepted size is stored as an image; the task records only its header."""
+    noisy = Image.frombytes("RGB", (96, 96), os.urandom(96 * 96 * 3))
+    buffer = io.BytesIO()
+    noisy.save(buffer, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    assert len(data_url) > 20_000
+
     response = api.post(SUBMIT, {"prompt": "p", "image_path": data_url}, format="json")
+
     assert response.status_code == 201, response.json()
-    assert VideoTask.objects.get(task_id=response.json()["task_id"]).task_type == "i2v"
+    task = VideoTask.objects.get(task_id=response.json()["task_id"])
+    assert task.task_type == "i2v" and task.image_path == "data:image/png;base64,"
+    stored = Image.open(settings.LIGHTX2V_UPLOAD_ROOT / task.input_image)
+    assert stored.tobytes() == noisy.tobytes()
+    assert api.get(f"/v1/tasks/{task.task_id}/status").json()["image_path"] == "data:image/png;base64,"
+
+
+def test_escaped_surrogate_pairs_are_text_like_any_other(api):
+    """JSON may spell characters outside the BMP as \\uD83D\\uDE00 pairs; only lone halves are refused."""
+    body = '{"prompt": "a cat \\ud83d\\ude00", "note": "\\ud83c\\udf89"}'
+    response = api.post(SUBMIT, data=body, content_type="application/json")
+    assert response.status_code == 201, response.json()
+    assert VideoTask.objects.get(task_id=response.json()["task_id"]).prompt == "a cat \U0001f600"
 
 
 def test_multipart_upload_makes_an_i2v_task_stored_under_a_server_name(api, settings):
