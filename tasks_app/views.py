@@ -175,8 +175,8 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
         summary="Cancel a submitted or running task",
     )
     def cancel(self, request, task_id=None):
-        task = services.task_cancel(task=self.get_object())
-        return Response(self.get_serializer(task).data)
+        services.task_cancel(task=self.get_object())
+        return Response(self.get_serializer(self.get_object()).data)  # read again: the run just ended
 
     @extend_schema(responses={200: QueueStatusSerializer}, summary="Tasks per status and live workers")
     @action(detail=False, methods=["get"])

@@ -98,6 +98,8 @@ def test_a_running_task_cancelled_mid_way_stops_within_one_step_and_stays_cancel
     cancel = http.delete(f"/v1/tasks/{task_id}")
 
     assert cancel.status_code == 200 and cancel.json()["status"] == "cancelled"
+    ended_run = cancel.json()["attempts"][-1]
+    assert ended_run["outcome"] == "cancelled" and ended_run["finished_at"] is not None
     steps_done_at_cancel = round(cancel.json()["progress"] / 0.9 * 50)
     stopped = wait_for(
         lambda: VideoTask.objects.get(task_id=task_id).run_stats.get("last_step"), timeout=60, what="worker to stop"
