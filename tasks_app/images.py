@@ -7,13 +7,15 @@ import base64
 import binascii
 import io
 import re
+import struct
 import warnings
 from pathlib import Path
 
 from django.conf import settings
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-ACCEPTED_FORMATS = {"PNG", "JPEG", "WEBP"}
+# MPO is what Pillow calls a camera JPEG that carries extra frames (depth, stereo): its first frame is used.
+ACCEPTED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP"}
 DATA_URL = re.compile(r"^data:image/(?P<subtype>[a-z0-9.+-]{1,40});base64,(?P<payload>.*)$", re.IGNORECASE | re.DOTALL)
 
 
@@ -22,7 +24,8 @@ class InvalidImage(ValueError):
 
 
 def decode_image(raw: bytes | io.BufferedIOBase) -> Image.Image:
-    """Decode and fully load an image from bytes or a binary file; raises ``InvalidImage``."""
+    """Decode and fully load an image from bytes or a binary file, upright (EXIF orientation applied),
+    as RGB; raises ``InvalidImage``."""
     stream = io.BytesIO(raw) if isinstance(raw, bytes) else raw
     max_pixels = settings.LIGHTX2V_MAX_IMAGE_PIXELS
     try:
@@ -34,13 +37,21 @@ def decode_image(raw: bytes | io.BufferedIOBase) -> Image.Image:
                 if image.width * image.height > max_pixels:
                     raise InvalidImage(f"image has more than {max_pixels} pixels")
                 image.load()
-                return image.convert("RGB")
+                return _upright(image).convert("RGB")
     except InvalidImage:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage("not a decodable image") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidImage("not a decodable image (truncated or corrupt)") from exc
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says; as it is when that metadata is unreadable."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, struct.error):
+        return image
 
 
 def decode_data_url(url: str) -> Image.Image:

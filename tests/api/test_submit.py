@@ -118,6 +118,30 @@ def test_multipart_upload_makes_an_i2v_task_stored_under_a_server_name(api, sett
     assert (settings.LIGHTX2V_UPLOAD_ROOT / f"{task.task_id}.png").is_file()
 
 
+def test_camera_jpegs_are_accepted_upright(api, settings):
+    """Phone photos: MPO (a JPEG with a depth frame, as Pillow names it) and EXIF orientation (applied)."""
+    left_half_red = Image.new("RGB", (40, 24), (0, 0, 255))
+    left_half_red.paste((255, 0, 0), (0, 0, 20, 24))
+    mpo = io.BytesIO()
+    left_half_red.save(mpo, format="MPO", save_all=True, append_images=[Image.new("RGB", (40, 24))])
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels must be turned 90 degrees clockwise to view
+    left_half_red.save(rotated, format="JPEG", exif=exif, quality=95)
+
+    stored = {}
+    for name, raw in (("mpo", mpo.getvalue()), ("rotated", rotated.getvalue())):
+        response = api.post(SUBMIT_FORM, {"prompt": "p", "image_file": _upload(f"{name}.jpg", raw, "image/jpeg")})
+        assert response.status_code == 201, response.json()
+        task = VideoTask.objects.get(task_id=response.json()["task_id"])
+        stored[name] = Image.open(settings.LIGHTX2V_UPLOAD_ROOT / task.input_image).convert("RGB")
+
+    assert stored["mpo"].size == (40, 24) and stored["mpo"].getpixel((5, 12))[0] > 200  # the first frame
+    # Turned clockwise, the red left half is the top half of a 24x40 portrait.
+    assert stored["rotated"].size == (24, 40)
+    assert stored["rotated"].getpixel((12, 5))[0] > 200 and stored["rotated"].getpixel((12, 35))[2] > 200
+
+
 def test_multipart_without_image_is_t2v(api):
     response = api.post(SUBMIT_FORM, {"prompt": "p"})
     assert response.status_code == 201
