@@ -164,7 +164,6 @@ def task_claim_next(*, worker_name: str) -> VideoTask | None:
                 heartbeat_at=now,
                 attempt_count=task.attempt_count + 1,  # the row is locked: nobody changed it since the read
                 worker_name=worker_name,
-                progress=0.0,
                 message=CLAIMED_MESSAGE,
             )
             if VideoTask.objects.filter(pk=task.pk, status=Status.SUBMITTED).update(**claim):
@@ -288,7 +287,7 @@ def task_fail(
 
 def task_hand_back(*, task: VideoTask, reason: str) -> bool:
     """Return this run's task to the queue at its old place (the worker is shutting down)."""
-    changes = dict(status=Status.SUBMITTED, progress=0.0, message=f"queued again: {reason}", heartbeat_at=None)
+    changes = dict(status=Status.SUBMITTED, message=f"queued again: {reason}", heartbeat_at=None)
     with transaction.atomic():
         handed_back = _end_run(task, changes, TaskAttempt.Outcome.HANDED_BACK, reason)
         if handed_back:
@@ -323,10 +322,10 @@ def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
                 task.message = f"failed: gave up after {task.attempt_count} attempts; last: {lost}"
                 task.error = task.message
             else:
-                task.status, task.progress, task.heartbeat_at = Status.SUBMITTED, 0.0, None
+                task.status, task.heartbeat_at = Status.SUBMITTED, None
                 task.message = f"queued again: {lost}"
                 _wake_workers()
-            task.save(update_fields=["status", "progress", "message", "error", "heartbeat_at", "finished_at"])
+            task.save(update_fields=["status", "message", "error", "heartbeat_at", "finished_at"])
             if task.status == Status.FAILED:
                 webhooks.enqueue(task)
             logger.warning("task %s reaped: %s", task.pk, task.message)
@@ -376,7 +375,8 @@ def task_cancel(*, task: VideoTask) -> VideoTask:
 
 
 def task_retry(*, task: VideoTask) -> VideoTask:
-    """Queue a failed or cancelled task again, at the back of the queue; its attempt count is kept."""
+    """Queue a failed or cancelled task again, at the back of the queue; its attempt count is kept and
+    its progress starts over (the one way it goes back: a run handed back or reaped keeps it)."""
     with transaction.atomic():
         retried = VideoTask.objects.filter(pk=task.pk, status__in=[Status.FAILED, Status.CANCELLED]).update(
             status=Status.SUBMITTED,

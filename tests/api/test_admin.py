@@ -30,7 +30,7 @@ def test_task_list_shows_filters_and_searches(operator, api):
 
 def test_retry_action_requeues_failed_tasks_keeping_attempts(operator, api):
     task = _task(api, "doomed")
-    VideoTask.objects.filter(pk=task.pk).update(status="failed", attempt_count=1, message="failed: boom")
+    VideoTask.objects.filter(pk=task.pk).update(status="failed", attempt_count=1, progress=0.5, message="failed: boom")
 
     response = operator.post(
         "/admin/tasks_app/videotask/",

@@ -72,15 +72,26 @@ def test_claim_takes_the_oldest_submitted_task_and_opens_its_attempt(api, form):
     assert services.task_claim_next(worker_name="host:3") is None
 
 
-def test_a_second_run_gets_the_next_attempt_number(api, form):
+def test_a_second_run_gets_the_next_attempt_number_and_progress_never_goes_back(api, form):
     task = _submit(api, "again")
     run = services.task_claim_next(worker_name="host:1")
+    services.task_report_progress(task=run, progress=0.4, message="step 2/4")
     assert services.task_hand_back(task=run, reason="worker shut down")
+    assert VideoTask.objects.get(pk=task.pk).progress == 0.4
 
     rerun = services.task_claim_next(worker_name="host:2")
 
-    assert (rerun.pk, rerun.attempt_count, rerun.worker_name) == (task.pk, 2, "host:2")
+    assert (rerun.pk, rerun.attempt_count, rerun.worker_name, rerun.progress) == (task.pk, 2, "host:2", 0.4)
     assert [(n, w, o) for n, w, o, _, _ in _attempts(task)] == [(1, "host:1", "handed_back"), (2, "host:2", "running")]
+    # The second run starts over; a poller sees progress hold until that run passes the first one.
+    services.task_report_progress(task=rerun, progress=0.2, message="step 1/4")
+    assert VideoTask.objects.get(pk=task.pk).progress == 0.4
+    services.task_report_progress(task=rerun, progress=0.6, message="step 3/4")
+    assert VideoTask.objects.get(pk=task.pk).progress == 0.6
+    # A lost run (its heartbeat stopped) goes back to the queue keeping its progress too.
+    services.task_reap_stale(lease_s=-1, max_attempts=3)
+    assert VideoTask.objects.get(pk=task.pk).status == "submitted"
+    assert services.task_claim_next(worker_name="host:3").progress == 0.6
 
 
 def test_a_claim_skips_a_row_another_transaction_holds(api, form, transactional_db):
