@@ -185,8 +185,11 @@ def generate_frames(
                 output = pipe(**kwargs)
         except BaseException as exc:
             try:
-                # The pipeline frees hooks (and resets cache state) itself on success only.
+                # The pipeline frees hooks (and resets cache state) itself on success only; the VAE
+                # clears its causal feature caches at the start and end of a decode, not on a failure.
                 pipe.maybe_free_model_hooks()
+                if hasattr(pipe.vae, "clear_cache"):
+                    pipe.vae.clear_cache()
             finally:
                 _release_failed_run(exc)
             raise
@@ -337,7 +340,11 @@ def _release_failed_run(exc: BaseException) -> None:
     """
     import torch
 
-    traceback.clear_frames(exc.__traceback__)
+    seen = set()
+    while exc is not None and id(exc) not in seen:  # what it was raised from or during holds frames too
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
     gc.collect()
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()

@@ -244,8 +244,9 @@ def _rerun_in_float32_on_overflow(vae, run, pending: list):
             return result
         except Float16Overflow:
             logger.warning("the float16 VAE overflowed; it computes in float32 from now on")
-            pending.clear()
-            vae.to(torch.float32)
-            return run(x.float(), *args, **kwargs)
+        # Out of the except block: the float16 attempt's frames (and their activations) are let go first.
+        pending.clear()
+        vae.to(torch.float32)
+        return run(x.float(), *args, **kwargs)
 
     return run_checked

@@ -53,13 +53,16 @@ def test_a_tiled_decode_hands_on_every_frame_once_after_decoding(fresh_t2v_pipe)
     np.testing.assert_array_equal(chunks[0], frames)
 
 
-def test_what_on_frames_raises_stops_the_run_and_leaves_no_hook(t2v_pipe):
+def test_what_on_frames_raises_stops_the_run_and_leaves_no_hook_and_no_cache(t2v_pipe):
     def refuse(chunk):
         raise StopFromFrames("encoder failed")
 
     with pytest.raises(StopFromFrames, match="encoder failed"):
         generate_frames(t2v_pipe, small_request(), on_frames=refuse)
     assert not t2v_pipe.vae.decoder._forward_hooks
+    # The decode stopped after its first chunk: the VAE's causal feature caches are let go, not kept
+    # (on a GPU) until the next decode resets them.
+    assert t2v_pipe.vae._feat_map and all(cached is None for cached in t2v_pipe.vae._feat_map)
     assert generate_frames(t2v_pipe, small_request(num_frames=1, infer_steps=1)).shape == (1, 64, 64, 3)
 
 
