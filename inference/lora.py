@@ -183,14 +183,21 @@ def lora_applied(
 ) -> Iterator[None]:
     """Hold ``pipe``'s lock with :func:`apply_lora` in force; disable the adapter on exit.
 
-    So outside a run no adapter is active, whoever calls ``pipe`` next.
+    So outside a run no adapter is active, whoever calls ``pipe`` next. A run with an adapter
+    active runs compiled blocks eagerly: their graphs are specialised on the adapters PEFT holds,
+    so each new adapter would recompile (tens of seconds on a GPU) and the ninth would fail the
+    run (dynamo's recompile limit is a hard error under ``fullgraph``).
     """
+    import torch
+
     from .pipelines import pipe_lock
 
     with pipe_lock(pipe):
         apply_lora(pipe, lora_dir, name, strength)
+        adapted = _slots_for(pipe).active is not None
         try:
-            yield
+            with torch.compiler.set_stance("force_eager") if adapted else contextlib.nullcontext():
+                yield
         finally:
             _deactivate(pipe, _slots_for(pipe))
 

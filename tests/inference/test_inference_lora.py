@@ -190,3 +190,33 @@ def test_concurrent_requests_with_different_loras_each_get_their_own_frames(fres
     for expected, got in zip(serial, concurrent):
         np.testing.assert_array_equal(got, expected)
     assert lora_load_count(pipe) == 2
+
+
+def test_a_compiled_pipeline_serves_any_number_of_loras_each_as_an_eager_run_gives_it(
+        tiny_models, fresh_t2v_pipe, t2v_pipe, tmp_path):
+    """Compiled blocks were specialised on the adapters loaded: the ninth new adapter failed the run
+    (recompile limit, a hard error under fullgraph). LoRA runs now go eager; plain runs stay compiled."""
+    from torch._dynamo.utils import counters
+
+    from inference.options import InferenceOptions
+    from inference.pipelines import load_pipeline
+
+    names = [f"style{index}" for index in range(10)]  # more than dynamo's 8 recompiles, more than 4 kept
+    for index, name in enumerate(names):
+        build_tiny_lora(tiny_models["t2v"], tmp_path / f"{name}.safetensors", seed=index + 1)
+    compiled = load_pipeline(tiny_models["t2v"], kind="t2v", device="cpu",
+                             options=InferenceOptions(compile=True, text_cache_size=8))  # fmt: skip
+    request = small_request(infer_steps=1)
+    plain = generate_frames(compiled, request)
+    assert np.abs(plain.astype(int) - generate_frames(t2v_pipe, request)).max() <= 2  # inductor's float order
+    graphs_before = counters["stats"]["unique_graphs"]
+
+    for index, name in enumerate(names):
+        lora_request = small_request(infer_steps=1, lora_name=name, lora_strength=0.5 + index / 10)
+        np.testing.assert_array_equal(
+            generate_frames(compiled, lora_request, lora_dir=tmp_path),
+            generate_frames(fresh_t2v_pipe, lora_request, lora_dir=tmp_path),
+        )
+    assert counters["stats"]["unique_graphs"] == graphs_before  # nothing was compiled for the LoRA runs
+    # A plain run after LoRAs were loaded compiles once more (PEFT wrapped the layers), then is served.
+    np.testing.assert_array_equal(generate_frames(compiled, request), plain)
