@@ -337,13 +337,14 @@ def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
 
 def task_wake_stranded(*, waiting_s: float) -> bool:
     """Queue a wake-up when a submitted task has waited over ``waiting_s`` and the broker holds no
-    message at all, queued or on its way to a worker; True if it did.
+    message a worker could take now; True if it did. Called by idle workers.
 
-    That happens when a worker's claim failed (a database error) after its message was taken.
-    A message on its way (taken by a pusher, its worker still busy or warming up) will run a claim,
-    so it counts: an extra one would only sit in that cluster's queue.
+    A task strands when a claim failed (a database error) after its message was taken, or when a
+    cluster stopped holding a taken message (locked for Q_CLUSTER's retry, over an hour). A taken
+    message does not count: an idle worker should not wait for it, and the one extra wake-up of a
+    message that was on its way after all only runs a claim that finds nothing.
     """
-    if OrmQ.objects.filter(key=get_broker().list_key).exists():
+    if OrmQ.objects.filter(key=get_broker().list_key, lock__lte=timezone.now()).exists():
         return False
     cutoff = timezone.now() - timedelta(seconds=waiting_s)
     if not VideoTask.objects.filter(status=Status.SUBMITTED, queued_at__lt=cutoff).exists():

@@ -51,6 +51,7 @@ def on_worker_spawn(**signal_kwargs) -> None:
     """django-q2 ``post_spawn``: runs in each new worker process before it takes a task."""
     worker_process.start()
     warm_up_pipelines()
+    worker_process.mark_ready()
 
 
 def warm_up_pipelines() -> None:
@@ -91,7 +92,10 @@ def worker_name() -> str:
 def run_next_task() -> str | None:
     """Claim and run one submitted task; returns its id, or None when the queue was empty."""
     if worker_process.shutting_down():
-        return None  # a stopping worker takes nothing new; the message is harmless to drop
+        # A stopping worker takes nothing new. Its pusher took this message before the stop: put
+        # a wake-up back in the broker for other workers (the task waits in the table either way).
+        services.task_wake_stranded(waiting_s=0)
+        return None
     # A claim that failed on a database error would use up this message with nothing claimed (its
     # acknowledgement fails too, so the broker holds it back for the retry period): wait for the database.
     task = _with_database_retry(lambda: services.task_claim_next(worker_name=worker_name()))

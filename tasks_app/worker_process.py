@@ -6,7 +6,7 @@ the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``
 * extends the lease of the task this process is running (``services.task_heartbeat``), and
   marks the run lost when the lease is gone (cancelled, or taken back by a reaper);
 * reaps tasks of other workers whose lease ran out (``services.task_reap_stale``);
-* while idle, queues a wake-up for a task left waiting without a queue message
+* while idle and warm, queues a wake-up for a task left waiting without a queue message
   (``services.task_wake_stranded``), and hands the heap freed by the last runs back to the OS.
 
 A second thread sends due webhook deliveries (``webhooks.send_due``): at start, when one is
@@ -16,10 +16,9 @@ without waiting for the next progress write or heartbeat, and for deliveries
 (``wakeups.WEBHOOK_CHANNEL``), waking the sender.
 
 Shutdown (SIGTERM to this process, or its cluster stopping after SIGTERM to ``qcluster``): an idle
-worker exits at once; a running task may go on for ``LIGHTX2V_SHUTDOWN_GRACE_S`` and is then handed
-back to the queue at its next step. Database
-errors in the thread are logged and the connection is reopened on the next beat: a database
-restart never kills a worker.
+worker stops at once (see ``_leave``); a running task may go on for ``LIGHTX2V_SHUTDOWN_GRACE_S``
+and is then handed back to the queue at its next step. Database errors in the thread are logged
+and the connection is reopened on the next beat: a database restart never kills a worker.
 """
 import ctypes
 import functools
@@ -151,8 +150,27 @@ def _exit_now() -> None:
 def exit_if_shutting_down() -> None:
     """Called after a run ends: a process told to stop does not take another task."""
     if shutting_down():
-        logger.info("worker %s exits after SIGTERM", os.getpid())
-        _exit_now()
+        _leave()
+
+
+def _leave() -> None:
+    """Stop this idle, stopping process: exit now, unless its cluster is stopping too.
+
+    A stopping cluster's sentinel puts "STOP" in the task queue for each worker, and that queue
+    holds one message (queue_limit 1): one its pusher took meanwhile would stay there with no
+    worker left to read it, and the sentinel would wait on the full queue until killed. So such
+    a worker goes back to django-q's loop, passes that message on (``run_next_task`` refuses it
+    and wakes other workers) and ends at "STOP".
+    """
+    try:
+        with_its_cluster = os.getppid() == _sentinel_pid and _cluster_is_stopping(_sentinel_pid)
+    except DatabaseError:
+        with_its_cluster = False
+    if with_its_cluster:
+        logger.info("worker %s stops with its cluster", os.getpid())
+        return
+    logger.info("worker %s exits after SIGTERM", os.getpid())
+    _exit_now()
 
 
 def _beat() -> None:
@@ -161,7 +179,7 @@ def _beat() -> None:
     if run is not None and not run.lease_lost.is_set() and not services.task_heartbeat(task=run.task):
         run.lease_lost.set()
     services.task_reap_stale(lease_s=settings.LIGHTX2V_LEASE_S, max_attempts=settings.LIGHTX2V_MAX_ATTEMPTS)
-    if run is None and not shutting_down():  # idle: a task still waiting after a beat lost its message
+    if run is None and _ready.is_set() and not shutting_down():  # idle: a task still waiting lost its message
         services.task_wake_stranded(waiting_s=settings.LIGHTX2V_HEARTBEAT_S)
 
 
@@ -182,7 +200,7 @@ def _begin_shutdown(reason: str) -> None:
         _shutdown_deadline = time.monotonic() + settings.LIGHTX2V_SHUTDOWN_GRACE_S
         logger.info("worker %s shutting down (%s); grace %s s", os.getpid(), reason, settings.LIGHTX2V_SHUTDOWN_GRACE_S)
     if _current is None:
-        _exit_now()
+        _leave()
 
 
 def _heartbeat_loop(sentinel_pid: int) -> None:
@@ -202,19 +220,29 @@ def _heartbeat_loop(sentinel_pid: int) -> None:
 
 
 _started = False
+_sentinel_pid = 0
+# Set once the pipelines are warm: before that the message for a waiting task may be held for this very
+# process (its pusher took it), and a wake-up would only add a message to this cluster's queue.
+_ready = threading.Event()
+
+
+def mark_ready() -> None:
+    """This process takes tasks from now on (``post_spawn`` finished warming up)."""
+    _ready.set()
 
 
 def start() -> None:
     """Install the SIGTERM handler and start the heartbeat thread (once per process)."""
-    global _started
+    global _started, _sentinel_pid
     if _started:
         return
     _started = True
+    _sentinel_pid = os.getppid()
     _keep_freed_heap_between_runs()
     commits.worker_side()
     signal.signal(signal.SIGTERM, _on_sigterm)
     threading.Thread(
-        target=_heartbeat_loop, args=(os.getppid(),), name="lightx2v-heartbeat", daemon=True
+        target=_heartbeat_loop, args=(_sentinel_pid,), name="lightx2v-heartbeat", daemon=True
     ).start()
     threading.Thread(target=_webhook_loop, name="lightx2v-webhooks", daemon=True).start()
     if wakeups.supported():

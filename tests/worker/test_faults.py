@@ -1,9 +1,11 @@
 """Fault injection on real qcluster workers: kills, shutdowns, time limits, unwritable storage, ordering."""
 import os
 import signal
+from datetime import timedelta
 
 import pytest
 
+from django.utils import timezone
 from django_q.models import OrmQ
 
 from tasks_app.models import TaskAttempt, VideoTask
@@ -81,6 +83,24 @@ def test_sigterm_during_a_task_finishes_it_or_hands_it_back(workers, http):
         assert final["status"] == "succeed" and [a["outcome"] for a in final["attempts"]] == ["handed_back", "succeed"]
 
 
+def test_a_graceful_stop_with_a_task_waiting_behind_the_running_one_exits_and_loses_nothing(workers, http):
+    """The waiting task's message was already taken by the cluster's pusher: the sentinel's "STOP"
+    waited behind it in the full task queue until the cluster was killed, and it stayed locked in
+    the broker for the retry period (over an hour) after the restart."""
+    workers.start(extra_env={**FAST_LEASES, "LIGHTX2V_SHUTDOWN_GRACE_S": "1"})
+    running = submit(http, {"prompt": "running", **TEN_SECONDS})
+    waiting = submit(http, {"prompt": "waiting", **SMALL})
+    _wait_until_denoising(http, running)
+    wait_for(lambda: not OrmQ.objects.filter(lock__lte=timezone.now()).exists(), timeout=10,
+             what="the pusher to take the waiting task's message")  # fmt: skip
+
+    assert workers.stop() == []  # every qcluster exited by itself
+    assert not OrmQ.objects.filter(lock__gt=timezone.now()).exists()  # no message held by the stopped cluster
+    workers.start(extra_env=FAST_LEASES)
+    for task_id in (running, waiting):
+        assert http.poll_until_finished(task_id, timeout=120)[0]["status"] == "succeed"
+
+
 def test_a_task_over_the_time_limit_fails_and_the_next_runs_on_the_same_worker(workers, http):
     workers.start(extra_env={"LIGHTX2V_TASK_TIMEOUT": "2"})
     slow = submit(http, {"prompt": "too slow", **TEN_SECONDS})
@@ -127,6 +147,16 @@ def test_a_task_whose_queue_message_was_lost_still_runs(workers, http):
     task_id = submit(http, {"prompt": "no message", **SMALL})  # no worker is running yet
     # Gone, as when a claim fails on a database error after its pusher took the message.
     assert OrmQ.objects.all().delete()[0] == 1
+    workers.start(extra_env=FAST_LEASES)
+    final, _ = http.poll_until_finished(task_id, timeout=60)
+    assert final["status"] == "succeed"
+
+
+def test_a_task_whose_message_a_stopped_cluster_still_holds_runs_on_an_idle_worker(workers, http):
+    task_id = submit(http, {"prompt": "message held", **SMALL})  # no worker is running yet
+    # Locked for the retry period, as by the pusher of a cluster stopped before handing it on.
+    held_until = timezone.now() + timedelta(hours=2)
+    assert OrmQ.objects.update(lock=held_until) == 1
     workers.start(extra_env=FAST_LEASES)
     final, _ = http.poll_until_finished(task_id, timeout=60)
     assert final["status"] == "succeed"
