@@ -221,6 +221,7 @@ class BackgroundMp4Writer:
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._finished = False
+        self._aborting = False
         self._thread = threading.Thread(target=self._encode_queued, name="lightx2v-mp4-writer", daemon=True)
         self._thread.start()
 
@@ -237,7 +238,9 @@ class BackgroundMp4Writer:
         self._raise_error()
 
     def abort(self) -> None:
-        """Stop the thread and remove the partial file; never raises."""
+        """Stop the thread (after the chunk it is encoding, not the backlog) and remove the partial
+        file; never raises."""
+        self._aborting = True
         self._stop(self._ABORT)
 
     def metadata(self) -> dict:
@@ -265,7 +268,7 @@ class BackgroundMp4Writer:
 
     def _encode_queued(self) -> None:
         try:
-            while (chunk := self._chunks.get()) is not self._ABORT:
+            while (chunk := self._chunks.get()) is not self._ABORT and not self._aborting:
                 if chunk is self._END:
                     self._writer.close()  # removes the partial file itself when it fails
                     return

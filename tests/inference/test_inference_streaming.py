@@ -132,3 +132,13 @@ def test_leaving_the_block_by_an_exception_aborts_and_leaves_nothing(tmp_path):
             raise StopFromFrames("cancelled")
     assert os.listdir(tmp_path) == []
 
+
+def test_an_abort_drops_the_backlog_instead_of_encoding_it(tmp_path):
+    writer = BackgroundMp4Writer(tmp_path / "clip.mp4")
+    chunk = sample_frames(count=8, height=256, width=256)
+    for _ in range(50):
+        writer.write(chunk)
+    writer.abort()
+    assert writer.frames_written < 10 * len(chunk)  # the chunk being encoded (and a few), not all 400 frames
+    assert os.listdir(tmp_path) == []
+
