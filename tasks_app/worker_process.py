@@ -138,6 +138,8 @@ def shutting_down() -> bool:
 
 
 def _on_sigterm(signum, frame) -> None:
+    # Only flags the shutdown: the main thread may be inside a query on the connection a handler
+    # would use. An idle worker leaves from the heartbeat thread, within a beat.
     _begin_shutdown("SIGTERM")
 
 
@@ -162,6 +164,8 @@ def _leave() -> None:
     a worker goes back to django-q's loop, passes that message on (``run_next_task`` refuses it
     and wakes other workers) and ends at "STOP".
     """
+    global _left
+    _left = True
     try:
         with_its_cluster = os.getppid() == _sentinel_pid and _cluster_is_stopping(_sentinel_pid)
     except DatabaseError:
@@ -199,8 +203,17 @@ def _begin_shutdown(reason: str) -> None:
     if _shutdown_deadline is None:
         _shutdown_deadline = time.monotonic() + settings.LIGHTX2V_SHUTDOWN_GRACE_S
         logger.info("worker %s shutting down (%s); grace %s s", os.getpid(), reason, settings.LIGHTX2V_SHUTDOWN_GRACE_S)
-    if _current is None:
+
+
+def _while_shutting_down() -> None:
+    """Heartbeat-thread side of a shutdown: an idle worker leaves (once); a run that has not handed
+    back a lease length after its grace ended is stuck outside the step loop (a hung kernel, say),
+    and the process exits so the lease runs out and the reaper queues the task again."""
+    if _current is None and not _left:
         _leave()
+    elif _current is not None and time.monotonic() > _shutdown_deadline + settings.LIGHTX2V_LEASE_S:
+        logger.error("worker %s: the run did not stop after the grace period; exiting", os.getpid())
+        _exit_now()
 
 
 def _heartbeat_loop(sentinel_pid: int) -> None:
@@ -210,6 +223,8 @@ def _heartbeat_loop(sentinel_pid: int) -> None:
             close_old_connections()
             if _shutdown_deadline is None and _cluster_is_stopping(sentinel_pid):
                 _begin_shutdown("cluster stopping")
+            if _shutdown_deadline is not None:
+                _while_shutting_down()
             _beat()
             release_free_heap()
         except DatabaseError as exc:
@@ -221,6 +236,7 @@ def _heartbeat_loop(sentinel_pid: int) -> None:
 
 _started = False
 _sentinel_pid = 0
+_left = False  # an idle, stopping worker went through _leave (and stayed for its cluster's STOP)
 # Set once the pipelines are warm: before that the message for a waiting task may be held for this very
 # process (its pusher took it), and a wake-up would only add a message to this cluster's queue.
 _ready = threading.Event()
