@@ -26,13 +26,13 @@ def idempotency_key(request) -> str:
 
 def json_request(data) -> str:
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return _sha256(b"json\n" + canonical.encode())
+    return _sha256(b"json\n" + canonical.encode("utf-8", "surrogatepass"))  # unknown fields may hold any text
 
 
 def form_request(fields, files) -> str:
     digest = hashlib.sha256(b"form\n")
     for name in sorted(fields):
-        digest.update(json.dumps([name, fields.getlist(name)], ensure_ascii=False).encode())
+        digest.update(json.dumps([name, fields.getlist(name)], ensure_ascii=False).encode("utf-8", "surrogatepass"))
     for name in sorted(files):
         for upload in files.getlist(name):
             file_digest = hashlib.sha256()

@@ -1,4 +1,5 @@
-"""The JSON parser of the submit endpoint: DRF's, refusing strings PostgreSQL cannot store.
+"""The JSON parser of the submit endpoint: DRF's, refusing strings PostgreSQL cannot store and
+nesting deeper than Python's recursion limit (both a 400, not a 500).
 
 A JSON string may spell an unpaired surrogate (``"\\ud800"``): Python accepts it, UTF-8 (and so
 the database) cannot hold it, so the body is a 400 here rather than a failed insert. (Bodies over
@@ -18,7 +19,10 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 class UnicodeJSONParser(JSONParser):
     def parse(self, stream, media_type=None, parser_context=None):
-        data = super().parse(stream, media_type, parser_context)
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError as exc:
+            raise ParseError("JSON parse error - nested too deeply") from exc
         if _SURROGATE_ESCAPE.search(parser_context["request"].body):
             try:
                 json.dumps(data, ensure_ascii=False).encode("utf-8")

@@ -141,6 +141,9 @@ CORPUS = [
         "JSON lone surrogate in an unknown field", "raw", '{"prompt": "p", "note": ["\\udfff"]}', 400, "detail",
         content_type="application/json",
     ),
+    Bad("JSON nested past the recursion limit", "raw", '{"prompt": "p", "x": ' + "[" * 5000 + "]" * 5000 + "}", 400,
+        "detail", content_type="application/json"),  # fmt: skip
+    Bad("docs page asked for OPTIONS", "options", "/docs", 405, "detail"),
     Bad("JSON body over the cap", "raw", json.dumps({"prompt": "p", "pad": "x" * 300_000}), 413, "detail",
         content_type="application/json"),  # fmt: skip
     Bad("text/plain to JSON endpoint", "raw", "prompt=p", 415, "detail", content_type="text/plain"),
@@ -262,3 +265,10 @@ def test_unknown_fields_are_ignored(api):
     """Documented rule: fields the API does not know (e.g. LightX2V's use_prompt_enhancer) are ignored."""
     response = api.post(SUBMIT, {**OK, "use_prompt_enhancer": True, "target_fps": 24}, format="json")
     assert response.status_code == 201
+    # Whatever text they hold: an unpaired surrogate that came in another charset (the UTF-8 spelling
+    # of one is refused by the parser) is ignored too, and so is its idempotency fingerprint's.
+    utf16 = '{"prompt": "p", "x": "\\ud800"}'.encode("utf-16-le")
+    response = api.post(SUBMIT, data=utf16, content_type="application/json; charset=utf-16le")
+    assert response.status_code == 201, response.content
+    response = api.post(SUBMIT_FORM, data="prompt=p&x=%2B2AA-", content_type="application/x-www-form-urlencoded; charset=utf-7")
+    assert response.status_code == 201, response.content
