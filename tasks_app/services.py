@@ -271,7 +271,7 @@ def task_finish(
 def task_fail(
     *, task: VideoTask, error: str, run_stats: dict[str, Any] | None = None, timed_out: bool = False
 ) -> bool:
-    """Mark this run failed with a readable reason; False if it no longer held the task."""
+    """Mark this run failed: the owner sees ``error``'s first line, operators all; False if it lost the task."""
     reason = error.strip().splitlines()[0][:400] if error.strip() else "unknown error"
     changes = dict(
         status=Status.FAILED, message=f"failed: {reason}", error=error, run_stats=run_stats or {},
@@ -279,7 +279,7 @@ def task_fail(
     )  # fmt: skip
     outcome = TaskAttempt.Outcome.TIMED_OUT if timed_out else TaskAttempt.Outcome.FAILED
     with transaction.atomic():
-        failed = _end_run(task, changes, outcome, error)
+        failed = _end_run(task, changes, outcome, reason)  # the owner sees attempts
         if failed:
             _notify(task)
     return failed

@@ -175,6 +175,8 @@ def test_a_run_that_raises_ends_failed_with_the_reason(workers, http, tmp_path):
 
     assert final["status"] == "failed"
     assert "no-such-model" in final["message"] and final["message"].startswith("failed: ModelLoadError")
+    assert [(a["outcome"], a["error"]) for a in final["attempts"]] == [("failed", final["message"][len("failed: "):])]
+    assert "Traceback" in VideoTask.objects.get(task_id=task_id).error  # kept for operators, not shown
 
 
 def test_twenty_tasks_in_one_worker_load_the_model_once_and_leave_memory_flat(workers, http, settings):
