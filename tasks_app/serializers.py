@@ -120,6 +120,7 @@ class VideoRequestSerializer(serializers.Serializer):
         """The image is decoded here; a data URL is recorded by its header (the image itself is stored)."""
         if not value:
             return value
+        self._image_field = "image_path"
         if value.lower().startswith("data:"):
             self._input_image = _or_field_error(images.decode_data_url, value)
             return value[: value.index(",") + 1]
@@ -153,7 +154,7 @@ class VideoRequestSerializer(serializers.Serializer):
         attrs["image"] = getattr(self, "_input_image", None)
         needs_i2v = attrs["image"] is not None or attrs["num_fragments"] > 1
         if needs_i2v and not settings.LIGHTX2V_I2V_MODEL_PATH:
-            field = "image_path" if attrs["image"] is not None else "num_fragments"
+            field = getattr(self, "_image_field", "num_fragments")  # the field that brought the image
             raise serializers.ValidationError({field: ["this server has no image-to-video model configured"]})
         if attrs["image"] is not None:
             attrs["height"], attrs["width"] = fit_size(
@@ -181,6 +182,7 @@ class VideoFormRequestSerializer(VideoRequestSerializer):
     def validate_image_file(self, upload):
         # Oversized uploads were already refused with 413 by the view, before decoding.
         self._input_image = _or_field_error(images.decode_image, upload.file)
+        self._image_field = "image_file"
         return upload
 
     def validate(self, attrs):

@@ -2,6 +2,7 @@
 
 No status is written here (see ``services``) and no file is touched except to stream a finished video.
 """
+import re
 import uuid
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .serializers import (
     VideoRequestSerializer,
 )
 
+_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
 SERVICE_VERSION = settings.SPECTACULAR_SETTINGS["VERSION"]
 REQUEST_DEFAULTS = {
     name: field.default
@@ -77,10 +79,10 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
 
     def get_object(self) -> VideoTask:
         """The caller's task; malformed ids and other users' tasks are both a plain 404."""
-        try:
-            task_id = uuid.UUID(str(self.kwargs["task_id"]))
-        except ValueError as exc:
-            raise NotFound() from exc
+        text = str(self.kwargs["task_id"])
+        if not _CANONICAL_UUID.fullmatch(text):  # uuid.UUID() also takes braces, "urn:uuid:", other digits
+            raise NotFound()
+        task_id = uuid.UUID(text)
         task = selectors.owned_task(owner=self.request.user, task_id=task_id)
         if task is None:
             raise NotFound()

@@ -233,3 +233,16 @@ def test_status_gives_an_eta_from_recent_tasks(api, task_id):
 
     VideoTask.objects.filter(task_id=task_id).update(status="running", run_stats={"step_s": 1.5, "steps_done": 1})
     assert api.get(f"/v1/tasks/{task_id}/status").json()["eta_s"] == 4.5  # 3 of its 4 steps left
+
+
+def test_a_task_id_is_found_only_in_its_canonical_spelling(api, task_id):
+    fullwidth_first = "%EF%BC%" + format(0x90 + int(task_id[0], 16), "X") if task_id[0].isdigit() else None
+    spellings = [f"{{{task_id}}}", f"urn:uuid:{task_id}", task_id.replace("-", "")]
+    if fullwidth_first:
+        spellings.append(fullwidth_first + task_id[1:])
+    assert api.get(f"/v1/tasks/{task_id.upper()}/status").status_code == 200  # hex digits in either case
+    for spelling in spellings:
+        response = api.get(f"/v1/tasks/{spelling}/status")
+        assert response.status_code == 404, spelling
+        assert api.delete(f"/v1/tasks/{spelling}").status_code == 404, spelling
+    assert api.get(f"/v1/tasks/{task_id}/status").json()["status"] == "submitted"  # no cancel got through

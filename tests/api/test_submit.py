@@ -173,3 +173,15 @@ def test_new_generation_fields_are_stored_and_reported(api):
     default = api.post(SUBMIT, {"prompt": "p"}, format="json").json()["task_id"]
     assert api.get(f"/v1/tasks/{default}/status").json()["sample_shift"] == 5.0  # distilled default
     assert set(api.get("/v1/service/metadata").json()["loras"]) >= {"alpha", "beta"}
+
+
+def test_without_an_i2v_model_an_image_is_refused_naming_the_field_that_brought_it(api, settings):
+    settings.LIGHTX2V_I2V_MODEL_PATH = ""
+    upload = api.post(SUBMIT_FORM, {"prompt": "p", "image_file": _upload("cat.png", png_bytes())})
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    inline = api.post(SUBMIT, {"prompt": "p", "image_path": data_url}, format="json")
+    fragments = api.post(SUBMIT, {"prompt": "p", "num_fragments": 2}, format="json")
+
+    assert (upload.status_code, list(upload.json())) == (400, ["image_file"])
+    assert (inline.status_code, list(inline.json())) == (400, ["image_path"])
+    assert (fragments.status_code, list(fragments.json())) == (400, ["num_fragments"])
