@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 5
 MAX_BACKOFF_S = 3600
 BATCH = 10
+CLAIM_HOLD_S = BATCH * SEND_TIMEOUT_S * 3  # a batch of sends, each up to a connect and a read timeout
 
 
 class CallbackRefused(ValueError):
@@ -106,8 +107,10 @@ def _pending():
 
 
 def _claim_due() -> list[WebhookDelivery]:
-    """Due deliveries, each pushed a send-timeout into the future so other senders skip it meanwhile."""
+    """Due deliveries, each pushed ``CLAIM_HOLD_S`` into the future so other senders skip it while
+    this one sends the batch (each send may take a connect and a read timeout, one after another)."""
     now = timezone.now()
+    claimed_until = now + timedelta(seconds=CLAIM_HOLD_S)
     with transaction.atomic():
         due = list(
             _pending()
@@ -116,9 +119,9 @@ def _claim_due() -> list[WebhookDelivery]:
             .filter(next_attempt_at__lte=now)
             .order_by("next_attempt_at")[:BATCH]
         )
-        WebhookDelivery.objects.filter(pk__in=[d.pk for d in due]).update(
-            next_attempt_at=now + timedelta(seconds=SEND_TIMEOUT_S * 3)
-        )
+        WebhookDelivery.objects.filter(pk__in=[d.pk for d in due]).update(next_attempt_at=claimed_until)
+    for delivery in due:
+        delivery.next_attempt_at = claimed_until  # the claim: _send writes back only while it holds
     return due
 
 
@@ -148,6 +151,7 @@ def _send(delivery: WebhookDelivery) -> bool:
             error = f"receiver answered {status_code}"
     except (requests.RequestException, CallbackRefused) as exc:
         error = f"{type(exc).__name__}: {exc}"
+    claimed_until = delivery.next_attempt_at
     delivery.attempts += 1
     delivery.last_status_code, delivery.last_error = status_code, error[:2000]
     now = timezone.now()
@@ -159,8 +163,11 @@ def _send(delivery: WebhookDelivery) -> bool:
     else:
         backoff = min(settings.LIGHTX2V_WEBHOOK_BACKOFF_S * 2 ** (delivery.attempts - 1), MAX_BACKOFF_S)
         delivery.next_attempt_at = now + timedelta(seconds=backoff)
-    delivery.save(
-        update_fields=["attempts", "last_status_code", "last_error", "delivered_at", "gave_up_at", "next_attempt_at"]
+    # Only while this sender's claim holds: a sender that took the delivery over after the claim ran
+    # out (or an operator's resend) keeps what it wrote, e.g. "delivered".
+    fields = ["attempts", "last_status_code", "last_error", "delivered_at", "gave_up_at", "next_attempt_at"]
+    _pending().filter(pk=delivery.pk, next_attempt_at=claimed_until).update(
+        **{name: getattr(delivery, name) for name in fields}
     )
     return not error
 

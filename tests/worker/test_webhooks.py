@@ -117,3 +117,30 @@ def test_a_delivery_queued_by_another_process_wakes_an_idle_worker(workers, http
     wait_for(lambda: len(receiver.received) == 2, timeout=30, what="the re-sent delivery")
     assert receiver.received[0][1] == receiver.received[1][1]  # the same body, posted again
     wait_for(lambda: WebhookDelivery.objects.get().delivered_at is not None, timeout=10, what="its ack")
+
+
+def test_a_slow_sender_neither_loses_a_batch_to_another_nor_overwrites_its_delivery(api, settings):
+    """A claim holds for a whole batch of timed-out sends; a late failure of a sender whose claim ran
+    out does not write over what the sender that took over recorded."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE = True
+    task_id = api.post("/v1/tasks/video", {"prompt": "p", "callback_url": "http://127.0.0.1:9/hook"},
+                       format="json").json()["task_id"]  # fmt: skip
+    delivery = WebhookDelivery.objects.create(task_id=task_id, url="http://127.0.0.1:9/hook", event="task.failed",
+                                              payload={"task_id": task_id})  # fmt: skip
+
+    [claimed] = webhooks._claim_due()
+    held_s = (claimed.next_attempt_at - timezone.now()).total_seconds()
+    assert held_s > webhooks.BATCH * 2 * webhooks.SEND_TIMEOUT_S - 5  # every send of the batch may time out
+    assert webhooks._claim_due() == []  # a second sender meanwhile takes nothing
+    # The claim ran out and another sender delivered it...
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(
+        next_attempt_at=timezone.now() - timedelta(seconds=1), delivered_at=timezone.now(), attempts=1
+    )
+    # ...then the first sender's send fails (nothing listens on port 9): what it writes is dropped.
+    assert webhooks._send(claimed) is False
+    delivery.refresh_from_db()
+    assert delivery.delivered_at is not None and delivery.attempts == 1 and delivery.last_error == ""
