@@ -16,7 +16,7 @@ without waiting for the next progress write or heartbeat, and for deliveries
 (``wakeups.WEBHOOK_CHANNEL``), waking the sender.
 
 Shutdown (SIGTERM to this process, or its cluster stopping after SIGTERM to ``qcluster``): an idle
-worker stops at once (see ``_leave``); a running task may go on for ``LIGHTX2V_SHUTDOWN_GRACE_S``
+worker stops within a beat (see ``_leave``); a running task may go on for ``LIGHTX2V_SHUTDOWN_GRACE_S``
 and is then handed back to the queue at its next step. Database errors in the thread are logged
 and the connection is reopened on the next beat: a database restart never kills a worker.
 """
