@@ -377,7 +377,8 @@ def task_cancel(*, task: VideoTask) -> VideoTask:
 
 def task_retry(*, task: VideoTask) -> VideoTask:
     """Queue a failed or cancelled task again, at the back of the queue; its attempt count is kept and
-    its progress starts over (the one way it goes back: a run handed back or reaped keeps it)."""
+    its progress starts over (the one way it goes back: a run handed back or reaped keeps it). Webhooks
+    of its earlier end that are not delivered yet are dropped."""
     with transaction.atomic():
         retried = VideoTask.objects.filter(pk=task.pk, status__in=[Status.FAILED, Status.CANCELLED]).update(
             status=Status.SUBMITTED,
@@ -393,6 +394,7 @@ def task_retry(*, task: VideoTask) -> VideoTask:
             finished_at=None,
         )
         if retried:
+            webhooks.supersede(task)
             _wake_workers()
     task.refresh_from_db()
     if not retried:

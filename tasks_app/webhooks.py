@@ -74,6 +74,12 @@ def enqueue(task: VideoTask) -> None:
     wakeups.notify(wakeups.WEBHOOK_CHANNEL)
 
 
+def supersede(task: VideoTask) -> int:
+    """Stop sending ``task``'s undelivered notifications (it was queued again: they report a state it
+    left, and would reach the receiver after the new one); returns how many. Same transaction as the retry."""
+    return _pending().filter(task=task).update(gave_up_at=timezone.now(), last_error="superseded: the task was retried")
+
+
 def _payload(task: VideoTask) -> dict:
     return {
         "event": f"task.{task.status}",

@@ -67,3 +67,23 @@ def test_revoking_one_of_several_tokens_in_the_admin(operator, api, client):
 
     assert api.get("/v1/tasks").status_code == 200  # the first token still works
     assert client.get("/v1/tasks", HTTP_AUTHORIZATION=f"Bearer {other_key}").status_code == 401
+
+
+def test_retry_drops_the_undelivered_webhook_of_the_earlier_end(operator, api, settings):
+    """A retried task's pending "task.cancelled" would otherwise reach the receiver after its new outcome."""
+    from tasks_app.models import WebhookDelivery
+
+    settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE = True
+    response = api.post(SUBMIT, {"prompt": "p", "callback_url": "http://127.0.0.1:9/hook"}, format="json")
+    task_id = response.json()["task_id"]
+    assert api.delete(f"/v1/tasks/{task_id}").json()["status"] == "cancelled"
+    [stale] = WebhookDelivery.objects.filter(task_id=task_id)
+    assert stale.gave_up_at is None  # the receiver is down: the delivery waits for its retry
+
+    operator.post("/admin/tasks_app/videotask/", {"action": "retry_tasks", "_selected_action": [task_id]})
+    assert api.delete(f"/v1/tasks/{task_id}").json()["status"] == "cancelled"  # the retried run's own end
+
+    stale.refresh_from_db()
+    assert stale.gave_up_at is not None and stale.last_error == "superseded: the task was retried"
+    pending = WebhookDelivery.objects.filter(task_id=task_id, gave_up_at__isnull=True)
+    assert [delivery.event for delivery in pending] == ["task.cancelled"] and pending[0].pk != stale.pk
