@@ -83,6 +83,13 @@ def queue_position(*, task: VideoTask) -> int:
     return ahead + 1
 
 
+def running_runs(runs: set[tuple[uuid.UUID, int]]) -> set[tuple[uuid.UUID, int]]:
+    """Those of the (task id, attempt) pairs that still hold their task (running): only they may publish."""
+    task_ids = {task_id for task_id, _ in runs}
+    running = VideoTask.objects.filter(pk__in=task_ids, status=Status.RUNNING).values_list("pk", "attempt_count")
+    return runs & set(running)
+
+
 def status_counts() -> dict[str, int]:
     """Number of tasks per status, every status present (zero when none)."""
     counts = dict.fromkeys(Status.values, 0)

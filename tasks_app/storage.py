@@ -8,7 +8,9 @@ refuses symlinks and anything that resolves outside the output folder.
 import contextlib
 import io
 import os
+import re
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -158,6 +160,27 @@ def discard_run_files(task_id: uuid.UUID, attempt: int) -> None:
         name = _run_file_name(task_id, attempt, suffix)
         for leftover in [folder / name, *folder.glob(f".{name}.*.part")]:  # and inference.encode.AtomicFile's temps
             leftover.unlink(missing_ok=True)
+
+
+def runs_with_files(*, idle_s: float) -> set[tuple[uuid.UUID, int]]:
+    """The (task id, attempt) of each run with a file in the filesystem store (its own or an encoder's
+    temp file) that has not changed for ``idle_s``; empty for other stores, which hold nothing of a run."""
+    store = outputs()
+    if not isinstance(store, FileSystemStorage):
+        return set()
+    folder, cutoff = Path(store.path(VIDEO_FOLDER)), time.time() - idle_s
+    runs = set()
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            found = _RUN_FILE.fullmatch(entry.name)
+            with contextlib.suppress(FileNotFoundError):  # published or discarded meanwhile
+                if found and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    runs.add((uuid.UUID(found["task_id"]), int(found["attempt"])))
+    return runs
+
+
+# A run's file (see _run_file_name) or an AtomicFile temp of one: ".<name>.<random>.part".
+_RUN_FILE = re.compile(r"\.\.?(?P<task_id>[0-9a-f-]{36})\.attempt-(?P<attempt>\d+)\.(?:mp4|jpg)(?:\..+\.part)?")
 
 
 def _run_file_name(task_id: uuid.UUID, attempt: int, suffix: str) -> str:

@@ -6,6 +6,8 @@ the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``
 * extends the lease of the task this process is running (``services.task_heartbeat``), and
   marks the run lost when the lease is gone (cancelled, or taken back by a reaper);
 * reaps tasks of other workers whose lease ran out (``services.task_reap_stale``);
+* every ``STRAY_RUN_FILES_SWEEP_S``, removes files of runs that can no longer publish them
+  (``sweep_stray_run_files``);
 * while idle and warm, queues a wake-up for a task left waiting without a queue message
   (``services.task_wake_stranded``), and hands the heap freed by the last runs back to the OS.
 
@@ -32,12 +34,13 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from django_q.conf import Conf
 
-from . import commits, selectors, services, wakeups, webhooks
+from . import commits, selectors, services, storage, wakeups, webhooks
 from .models import VideoTask
 
 logger = logging.getLogger(__name__)
 # After a failed look at the deliveries (database down), the pause before the next.
 WEBHOOK_RETRY_S = 1.0
+STRAY_RUN_FILES_SWEEP_S = 600.0
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters (malloc.h)
 
 
@@ -57,6 +60,7 @@ _current_lock = threading.Lock()
 _heap_to_release = False  # a run ended since the heap was last trimmed
 _shutdown_deadline: float | None = None  # time.monotonic() after which the run is handed back
 _webhooks_announced = threading.Event()  # set by the listener thread: a delivery was queued
+_next_sweep_at = 0.0  # time.monotonic() of the next sweep_stray_run_files (the first beat sweeps)
 
 
 def begin(task: VideoTask) -> Run:
@@ -183,8 +187,25 @@ def _beat() -> None:
     if run is not None and not run.lease_lost.is_set() and not services.task_heartbeat(task=run.task):
         run.lease_lost.set()
     services.task_reap_stale(lease_s=settings.LIGHTX2V_LEASE_S, max_attempts=settings.LIGHTX2V_MAX_ATTEMPTS)
+    global _next_sweep_at
+    if time.monotonic() >= _next_sweep_at:
+        _next_sweep_at = time.monotonic() + STRAY_RUN_FILES_SWEEP_S
+        sweep_stray_run_files()
     if run is None and _ready.is_set() and not shutting_down():  # idle: a task still waiting lost its message
         services.task_wake_stranded(waiting_s=settings.LIGHTX2V_HEARTBEAT_S)
+
+
+def sweep_stray_run_files() -> int:
+    """Remove the unpublished files of runs that no longer hold their task and have not written for a
+    lease: their worker died before it could, and no reaper did (the task was cancelled or retried
+    first, or it was reaped by a version that left them). Returns how many runs it cleared."""
+    stray = storage.runs_with_files(idle_s=settings.LIGHTX2V_LEASE_S)
+    stray -= selectors.running_runs(stray)
+    for task_id, attempt in stray:
+        storage.discard_run_files(task_id, attempt)
+    if stray:
+        logger.info("removed the files of %d runs that ended without their worker", len(stray))
+    return len(stray)
 
 
 def _cluster_is_stopping(sentinel_pid: int) -> bool:

@@ -121,3 +121,32 @@ def test_reaping_a_dead_run_removes_what_it_left_unpublished(api, filesystem_out
     # The worker died here: nothing published, its files left behind.
     assert [task.pk for task in services.task_reap_stale(lease_s=-1, max_attempts=3)] == [dead.pk]
     assert os.listdir(filesystem_outputs / "videos") == ["someone-else.mp4"]
+
+
+def _age(folder, seconds: float) -> None:
+    for path in folder.iterdir():
+        os.utime(path, (path.stat().st_atime - seconds, path.stat().st_mtime - seconds))
+
+
+def test_files_of_a_run_whose_worker_died_before_a_cancel_are_swept(api, filesystem_outputs, settings):
+    """The reaper only takes back running tasks: a task cancelled after its worker died is not one, so
+    a worker's periodic sweep removes what that run left. Files of runs still holding their task stay."""
+    from tasks_app import worker_process
+
+    settings.LIGHTX2V_LEASE_S = 60
+    for prompt in ("worker dies, then cancel", "still running"):
+        api.post("/v1/tasks/video", {"prompt": prompt, "height": 64, "width": 64}, format="json")
+    dead, alive = (services.task_claim_next(worker_name=f"host:{n}") for n in (1, 2))
+    for run in (dead, alive):
+        with storage.output_files(run.pk, run.attempt_count) as output:
+            _write(output, b"unpublished")
+            (output.video.parent / f".{output.video.name}.x1y2.part").write_bytes(b"half")
+    (filesystem_outputs / "videos" / "someone-else.mp4").write_bytes(b"keep")
+    assert api.delete(f"/v1/tasks/{dead.pk}").json()["status"] == "cancelled"
+
+    assert worker_process.sweep_stray_run_files() == 0  # written under a lease ago: maybe still being written
+    _age(filesystem_outputs / "videos", seconds=120)
+    assert worker_process.sweep_stray_run_files() == 1
+
+    alive_files = [f".{alive.pk}.attempt-1.mp4", f".{alive.pk}.attempt-1.jpg", f"..{alive.pk}.attempt-1.mp4.x1y2.part"]
+    assert sorted(os.listdir(filesystem_outputs / "videos")) == sorted(["someone-else.mp4", *alive_files])
