@@ -277,6 +277,10 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 20,
     "EXCEPTION_HANDLER": "tasks_app.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
+    # JSON for every client; the browsable HTML API only for local development.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"]
+    + (["rest_framework.renderers.BrowsableAPIRenderer"] if DEBUG else []),
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "tasks_app.negotiation.JsonUnlessAcceptable",
 }
 if LIGHTX2V_ALLOW_ANONYMOUS:
     REST_FRAMEWORK["DEFAULT_AUTHENTICATION_CLASSES"].append("tasks_app.authentication.LocalDemoAuthentication")

@@ -246,3 +246,21 @@ def test_a_task_id_is_found_only_in_its_canonical_spelling(api, task_id):
         assert response.status_code == 404, spelling
         assert api.delete(f"/v1/tasks/{spelling}").status_code == 404, spelling
     assert api.get(f"/v1/tasks/{task_id}/status").json()["status"] == "submitted"  # no cancel got through
+
+
+@pytest.mark.parametrize("accept", ["video/mp4", "video/*", "text/html", "application/xml"])
+def test_any_accept_header_gets_the_video_or_a_json_answer(api, task_id, client, accept):
+    """A player's Accept: video/mp4 gets the video (DRF answered 406); HTML or XML asks get JSON, errors too."""
+    queued = api.get(f"/v1/tasks/{task_id}/result", HTTP_ACCEPT=accept)
+    assert (queued.status_code, queued["Content-Type"], queued.json()["status"]) == (409, "application/json", "submitted")
+    missing = api.get(f"/v1/tasks/{'0' * 8}-0000-4000-8000-{'0' * 12}/status", HTTP_ACCEPT=accept)
+    assert (missing.status_code, missing.json()) == (404, {"detail": "Not found."})
+    assert client.get("/v1/tasks", HTTP_ACCEPT=accept).json()["detail"]  # 401, no token
+    bad = api.post(SUBMIT, {"prompt": ""}, format="json", HTTP_ACCEPT=accept)
+    assert bad.status_code == 400 and "prompt" in bad.json()
+
+    public = _finished_video(task_id)
+    for url in (f"/v1/tasks/{task_id}/result", f"/v1/files/download/{public}"):
+        video = api.get(url, HTTP_ACCEPT=accept)
+        assert (video.status_code, video["Content-Type"]) == (200, "video/mp4")
+        assert b"".join(video.streaming_content).startswith(b"\x00\x00\x00\x18ftyp")
