@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, Sum
 from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -91,7 +92,13 @@ def _allowed(request) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+@csrf_exempt  # no state changes and no cookies: a POST gets the JSON 405 below, not an HTML CSRF page
 def metrics_view(request):
+    """The exposition text for GET/HEAD; 404 to a caller not allowed to scrape, whatever the method."""
     if not _allowed(request):
         return JsonResponse({"detail": "Not found."}, status=404)
+    if request.method not in ("GET", "HEAD"):
+        response = JsonResponse({"detail": f'Method "{request.method}" not allowed.'}, status=405)
+        response["Allow"] = "GET, HEAD"
+        return response
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
