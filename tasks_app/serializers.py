@@ -39,6 +39,15 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class StrictCharField(serializers.CharField):
+    """Text that must arrive as a string: DRF's CharField turns ``5`` into "5" and ``1e400`` into "inf"."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class FiniteFloatField(serializers.FloatField):
     def to_internal_value(self, data):
         if isinstance(data, bool):
@@ -62,11 +71,11 @@ def _size_field(default: int) -> StrictIntegerField:
 class VideoRequestSerializer(serializers.Serializer):
     """The JSON submit body. ``validated_data`` holds model fields plus ``image`` (a PIL image or None)."""
 
-    prompt = serializers.CharField(max_length=PROMPT_MAX_CHARS, trim_whitespace=True)
-    negative_prompt = serializers.CharField(
+    prompt = StrictCharField(max_length=PROMPT_MAX_CHARS, trim_whitespace=True)
+    negative_prompt = StrictCharField(
         max_length=PROMPT_MAX_CHARS, required=False, allow_blank=True, default=""
     )
-    image_path = serializers.CharField(
+    image_path = StrictCharField(
         required=False,
         allow_blank=True,
         default="",
@@ -87,7 +96,7 @@ class VideoRequestSerializer(serializers.Serializer):
         required=False, allow_null=True, default=None, min_value=0.5, max_value=20.0,
         help_text="flow shift; default 5 for the distilled model, else 3 up to 480p and 5 above",
     )  # fmt: skip
-    lora_name = serializers.CharField(
+    lora_name = StrictCharField(
         required=False, allow_blank=True, default="", max_length=128, help_text="one of /v1/service/metadata loras"
     )
     callback_url = serializers.URLField(
