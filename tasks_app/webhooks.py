@@ -10,7 +10,7 @@ loses nothing. The body is JSON; the headers are
 
 Receivers should reject timestamps older than a few minutes. Callback URLs must be http(s) and, unless
 ``LIGHTX2V_WEBHOOK_ALLOW_PRIVATE``, resolve only to public addresses (checked at submit and again
-before each send, against DNS rebinding).
+before each send, which then connects to the addresses it checked: no DNS rebinding).
 """
 import hashlib
 import hmac
@@ -20,9 +20,10 @@ import logging
 import socket
 import time
 from datetime import timedelta
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
-import requests
+import certifi
+import urllib3
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Min
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 5
 MAX_BACKOFF_S = 3600
 BATCH = 10
+USER_AGENT = "lightx2v-webhooks/1"
+CA_CERTS = certifi.where()
 CLAIM_HOLD_S = BATCH * SEND_TIMEOUT_S * 3  # a batch of sends, each up to a connect and a read timeout
 
 
@@ -44,24 +47,83 @@ class CallbackRefused(ValueError):
 
 
 def check_callback_url(url: str) -> None:
-    """Raise ``CallbackRefused`` unless ``url`` is http(s) to a host that resolves to allowed addresses."""
+    """Raise ``CallbackRefused`` unless ``url`` is http(s) to a host that resolves to allowed addresses.
+
+    With ``LIGHTX2V_WEBHOOK_ALLOW_PRIVATE`` only the URL's form is checked (the host may resolve later).
+    """
+    parts, host, port = _parse(url)
+    if not settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE:
+        _allowed_addresses(host, port)
+
+
+def _parse(url: str) -> tuple[SplitResult, str, int]:
+    """The URL's parts, its host name in ASCII (IDNA) and its port."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CallbackRefused("must be an http or https URL")
     try:
-        port = parts.port or 443
+        host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise CallbackRefused("host is not a valid name") from exc
+    try:
+        return parts, host, parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:  # urlsplit parses lazily: "port out of range", "port could not be cast"
         raise CallbackRefused("port must be a number from 1 to 65535") from exc
-    if settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE:
-        return
+
+
+def _allowed_addresses(hostname: str, port: int) -> list[str]:
+    """The host's addresses in the resolver's order; ``CallbackRefused`` if any is not public (unless allowed)."""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)}
-    except (socket.gaierror, UnicodeError) as exc:
+        infos = socket.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
         raise CallbackRefused("host does not resolve") from exc
-    for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if not ip.is_global or ip.is_multicast:
-            raise CallbackRefused("must not point to a loopback, private or reserved address")
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    if not settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE:
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if not ip.is_global or ip.is_multicast:
+                raise CallbackRefused("must not point to a loopback, private or reserved address")
+    return addresses
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
+    """POST ``body`` to ``url`` and return the receiver's status code (redirects are not followed).
+
+    The host is resolved and checked once, and the connection goes to those very addresses (in order,
+    within one connect timeout), so a DNS answer that changes after the check (rebinding to an
+    internal address) is never used. HTTPS verifies the certificate against the URL's host name.
+    """
+    parts, host, port = _parse(url)
+    addresses = _allowed_addresses(host, port)
+    host_header = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    headers = {**headers, "Host": host_header, "User-Agent": USER_AGENT}
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Authorization"] = urllib3.util.make_headers(basic_auth=credentials)["authorization"]
+    target = urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    deadline = time.monotonic() + SEND_TIMEOUT_S
+    for index, address in enumerate(addresses):
+        if parts.scheme == "https":
+            pool = urllib3.HTTPSConnectionPool(
+                address, port, cert_reqs="CERT_REQUIRED", ca_certs=CA_CERTS,
+                server_hostname=host, assert_hostname=host,
+            )  # fmt: skip
+        else:
+            pool = urllib3.HTTPConnectionPool(address, port)
+        timeout = urllib3.Timeout(connect=max(deadline - time.monotonic(), 0.1), read=SEND_TIMEOUT_S)
+        try:
+            response = pool.urlopen(
+                "POST", target, body=body, headers=headers, retries=False, redirect=False, timeout=timeout,
+                preload_content=False,  # the receiver's body is never read: a huge one costs nothing
+            )  # fmt: skip
+            response.release_conn()
+            return response.status
+        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
+            if index == len(addresses) - 1 or time.monotonic() >= deadline:
+                raise
+        finally:
+            pool.close()
+    raise AssertionError("getaddrinfo returns at least one address")  # pragma: no cover
 
 
 def enqueue(task: VideoTask) -> None:
@@ -150,12 +212,10 @@ def _send(delivery: WebhookDelivery) -> bool:
     headers = signature_headers(secret=secret_for(delivery.task.owner), body=body, timestamp=int(time.time()))
     status_code, error = None, ""
     try:
-        check_callback_url(delivery.url)
-        response = requests.post(delivery.url, data=body, headers=headers, timeout=SEND_TIMEOUT_S, allow_redirects=False)
-        status_code = response.status_code
+        status_code = _post(delivery.url, body, headers)
         if not 200 <= status_code < 300:
             error = f"receiver answered {status_code}"
-    except (requests.RequestException, CallbackRefused) as exc:
+    except (urllib3.exceptions.HTTPError, OSError, CallbackRefused) as exc:
         error = f"{type(exc).__name__}: {exc}"
     claimed_until = delivery.next_attempt_at
     delivery.attempts += 1

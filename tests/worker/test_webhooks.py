@@ -1,8 +1,12 @@
 """Webhooks through real workers: one signed delivery per terminal state; a dead receiver is retried
 without holding up the queue."""
+import base64
 import hashlib
 import hmac
 import json
+import socket
+import ssl
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -23,9 +27,9 @@ FAST_RETRIES = {
 
 
 class Receiver:
-    """A local HTTP server that records every POST (headers and body) and answers 200."""
+    """A local HTTP(S) server that records every POST (headers and body) and answers 200."""
 
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None):
         received = self.received = []
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,7 +42,12 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self.server = Server((host, port), Handler)
+        if tls:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -98,6 +107,7 @@ def test_a_receiver_that_is_down_is_retried_without_delaying_the_next_task(worke
     back_up = Receiver(port)
     try:
         wait_for(lambda: back_up.received, timeout=30, what="delivery once the receiver is back")
+        wait_for(lambda: WebhookDelivery.objects.get().delivered_at, timeout=10, what="its ack")
         delivery = WebhookDelivery.objects.get()
         assert delivery.delivered_at is not None and delivery.last_status_code == 200 and delivery.attempts >= 3
         assert len(back_up.received) == 1
@@ -144,3 +154,81 @@ def test_a_slow_sender_neither_loses_a_batch_to_another_nor_overwrites_its_deliv
     assert webhooks._send(claimed) is False
     delivery.refresh_from_db()
     assert delivery.delivered_at is not None and delivery.attempts == 1 and delivery.last_error == ""
+
+
+class _Resolver:
+    """``socket.getaddrinfo`` with answers for some names (a DNS server the test controls); others resolve."""
+
+    def __init__(self, monkeypatch, answers: dict[str, list[list[str]]]):
+        self.answers, self.asked = answers, []
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, port, *args, **kwargs):
+            if host not in self.answers:
+                return real(host, port, *args, **kwargs)
+            self.asked.append(host)
+            replies = self.answers[host]
+            addresses = replies[min(len(self.asked) - 1, len(replies) - 1)]
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in addresses]
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def _delivery(api, url: str) -> WebhookDelivery:
+    task_id = api.post("/v1/tasks/video", {"prompt": "p"}, format="json").json()["task_id"]
+    return WebhookDelivery.objects.create(task_id=task_id, url=url, event="task.failed", payload={"task_id": task_id})
+
+
+def test_a_send_connects_to_the_address_it_checked_not_a_rebound_one(api, settings, monkeypatch, receiver):
+    """DNS rebinding: the name is public when checked, then answers loopback; the send never asks again."""
+    settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE = False
+    monkeypatch.setattr(webhooks, "SEND_TIMEOUT_S", 1)  # the public address is unreachable from here
+    port = receiver.server.server_port
+    resolver = _Resolver(monkeypatch, {"hooks.rebind.test": [["1.1.1.1"], ["127.0.0.1"]]})
+    delivery = _delivery(api, f"http://hooks.rebind.test:{port}/hook")
+
+    assert webhooks._send(delivery) is False
+
+    assert resolver.asked == ["hooks.rebind.test"] and receiver.received == []
+    delivery.refresh_from_db()
+    assert "1.1.1.1" in delivery.last_error, delivery.last_error  # refused, or timed out where routed
+
+
+def test_https_callbacks_are_verified_against_the_url_host_name(api, settings, monkeypatch, tmp_path):
+    """The connection goes to the resolved IP, but SNI and the certificate check use the URL's name."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key, "-out", cert,
+         "-subj", "/CN=hooks.example.test", "-addext", "subjectAltName=DNS:hooks.example.test"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    receiver = Receiver(tls=tls)
+    monkeypatch.setattr(webhooks, "CA_CERTS", str(cert))
+    _Resolver(monkeypatch, {"hooks.example.test": [["127.0.0.1"]], "other.example.test": [["127.0.0.1"]]})
+    port = receiver.server.server_port
+    try:
+        signed = _delivery(api, f"https://user:p%40ss@hooks.example.test:{port}/hook?x=1")
+        assert webhooks._send(signed) is True
+        [(headers, body)] = receiver.received
+        assert headers["Host"] == f"hooks.example.test:{port}" and json.loads(body) == signed.payload
+        assert headers["Authorization"] == "Basic " + base64.b64encode(b"user:p@ss").decode()
+
+        wrong_name = _delivery(api, f"https://other.example.test:{port}/hook")
+        assert webhooks._send(wrong_name) is False
+        wrong_name.refresh_from_db()
+        assert "SSLError" in wrong_name.last_error and len(receiver.received) == 1
+    finally:
+        receiver.close()
+
+
+def test_an_ipv6_callback_is_delivered(api, settings):
+    receiver = Receiver(host="::1")
+    port = receiver.server.server_port
+    try:
+        delivery = _delivery(api, f"http://[::1]:{port}/hook")
+        assert webhooks._send(delivery) is True and len(receiver.received) == 1
+        assert receiver.received[0][0]["Host"] == f"[::1]:{port}"
+    finally:
+        receiver.close()
