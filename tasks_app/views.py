@@ -15,7 +15,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
-from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.parsers import FormParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
@@ -24,7 +24,7 @@ from inference.options import CACHE_KINDS
 from inference.sampling import SCHEDULERS
 
 from . import fingerprints, selectors, services, storage
-from .parsers import UnicodeJSONParser
+from .parsers import UnicodeJSONParser, UploadMultiPartParser
 from .ranges import file_response
 from .models import VideoTask
 from .serializers import (
@@ -115,7 +115,7 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
         responses={201: TaskCreatedSerializer, 200: TaskCreatedSerializer, 413: ERROR_RESPONSE, **SUBMIT_ERRORS},
         summary="Submit a video task (multipart, with an image_file for I2V)",
     )
-    @action(detail=False, methods=["post"], parser_classes=[MultiPartParser, FormParser])
+    @action(detail=False, methods=["post"], parser_classes=[UploadMultiPartParser, FormParser])
     def submit_form(self, request):
         # Uploads over LIGHTX2V_MAX_UPLOAD_BYTES were refused with 413 while streaming (tasks_app.uploads).
         request_serializer = VideoFormRequestSerializer(data=request.data)

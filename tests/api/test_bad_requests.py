@@ -56,6 +56,16 @@ def _bomb_png() -> bytes:
     return _image("PNG", size=(8000, 6000), mode="L")
 
 
+def _multipart(disposition_params: bytes) -> bytes:
+    """A form with a prompt and a real PNG in an ``image_file`` part with the given disposition parameters."""
+    return (
+        b'--B0\r\nContent-Disposition: form-data; name="prompt"\r\n\r\np\r\n'
+        b'--B0\r\nContent-Disposition: form-data; name="image_file"' + disposition_params
+        + b"\r\nContent-Type: image/png\r\n\r\n" + png_bytes(32, 32) + b"\r\n--B0--\r\n"
+    )  # fmt: skip
+
+
+MULTIPART = "multipart/form-data; boundary=B0"
 TRUNCATED_PNG = png_bytes(64, 64)[:60]
 OK = {"prompt": "p"}
 
@@ -168,6 +178,10 @@ CORPUS = [
     Bad("upload not an image", "form", OK, 400, "image_file", files={"image_file": ("x.png", b"GIF89a nonsense")}),
     Bad("upload GIF", "form", OK, 400, "image_file", files={"image_file": ("x.gif", _image("GIF"))}),
     Bad("upload truncated PNG", "form", OK, 400, "image_file", files={"image_file": ("x.png", TRUNCATED_PNG)}),
+    Bad("upload with a Latin-1 filename Django drops", "raw-form", _multipart(b'; filename="caf\xe9.png"'), 400,
+        "image_file", content_type=MULTIPART),  # fmt: skip
+    Bad("upload named ..", "raw-form", _multipart(b'; filename=".."'), 400, "image_file", content_type=MULTIPART),
+    Bad("upload named /", "raw-form", _multipart(b'; filename="/"'), 400, "image_file", content_type=MULTIPART),
     Bad("upload empty", "form", OK, 400, "image_file", files={"image_file": ("x.png", b"")}),
     Bad("upload decompression bomb", "form", OK, 400, "image_file", files={"image_file": ("b.png", "BOMB")}),
     Bad("upload too large", "form", OK, 413, "image_file", files={"image_file": ("big.png", "BIG")}),

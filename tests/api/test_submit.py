@@ -148,6 +148,20 @@ def test_multipart_without_image_is_t2v(api):
     assert VideoTask.objects.get(task_id=response.json()["task_id"]).task_type == "t2v"
 
 
+def test_a_browser_form_with_no_file_chosen_is_t2v_and_a_utf8_filename_is_i2v(api):
+    """Browsers send an unchosen file input as an empty part with ``filename=""``; RFC 7578 filenames are UTF-8."""
+    png = png_bytes(32, 32)
+    for params, content, task_type in [(b'; filename=""', b"", "t2v"), ('; filename="café.png"'.encode(), png, "i2v")]:
+        body = (
+            b'--B0\r\nContent-Disposition: form-data; name="prompt"\r\n\r\np\r\n--B0\r\nContent-Disposition: '
+            b'form-data; name="image_file"' + params + b"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            + content + b"\r\n--B0--\r\n"
+        )  # fmt: skip
+        response = api.generic("POST", SUBMIT_FORM, body, content_type="multipart/form-data; boundary=B0")
+        assert response.status_code == 201, response.content
+        assert VideoTask.objects.get(task_id=response.json()["task_id"]).task_type == task_type
+
+
 def _upload(name: str, content: bytes, content_type: str = "image/png"):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
