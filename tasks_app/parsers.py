@@ -36,7 +36,7 @@ class UnicodeJSONParser(JSONParser):
 
 
 UPLOAD_FIELDS = ("image_file",)
-_PART_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*;\s*name="([^"\r\n]*)"')
+_DISPOSITION = re.compile(rb"(?im)^content-disposition:([^\r\n]*)")
 _MAX_PART_HEADERS = 64 * 1024
 
 
@@ -80,7 +80,9 @@ class _PartNames:
             if end == -1:  # the part's headers go on in the next chunk
                 self._unscanned = data[at : at + _MAX_PART_HEADERS]
                 return
-            if match := _PART_NAME.search(data, at, end + 2):
-                self.names.add(match.group(1).decode("latin-1"))
+            if match := _DISPOSITION.search(data, at, end + 2):  # parsed as Django parses it, but never refused
+                name = parse_header_parameters(match.group(1).decode("latin-1"))[1].get("name")
+                if name is not None:
+                    self.names.add(name.strip())
             start = end
         self._unscanned = data[max(start, len(data) - len(self._delimiter)) :]

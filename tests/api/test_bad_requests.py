@@ -56,11 +56,11 @@ def _bomb_png() -> bytes:
     return _image("PNG", size=(8000, 6000), mode="L")
 
 
-def _multipart(disposition_params: bytes) -> bytes:
+def _multipart(disposition_params: bytes, name: bytes = b'name="image_file"') -> bytes:
     """A form with a prompt and a real PNG in an ``image_file`` part with the given disposition parameters."""
     return (
         b'--B0\r\nContent-Disposition: form-data; name="prompt"\r\n\r\np\r\n'
-        b'--B0\r\nContent-Disposition: form-data; name="image_file"' + disposition_params
+        b"--B0\r\nContent-Disposition: form-data; " + name + disposition_params
         + b"\r\nContent-Type: image/png\r\n\r\n" + png_bytes(32, 32) + b"\r\n--B0--\r\n"
     )  # fmt: skip
 
@@ -182,6 +182,8 @@ CORPUS = [
         "image_file", content_type=MULTIPART),  # fmt: skip
     Bad("upload named ..", "raw-form", _multipart(b'; filename=".."'), 400, "image_file", content_type=MULTIPART),
     Bad("upload named /", "raw-form", _multipart(b'; filename="/"'), 400, "image_file", content_type=MULTIPART),
+    Bad("upload named .. in unquoted parameters", "raw-form", _multipart(b"; filename=..", b"name = image_file"), 400,
+        "image_file", content_type=MULTIPART),  # fmt: skip
     Bad("upload empty", "form", OK, 400, "image_file", files={"image_file": ("x.png", b"")}),
     Bad("upload decompression bomb", "form", OK, 400, "image_file", files={"image_file": ("b.png", "BOMB")}),
     Bad("upload too large", "form", OK, 413, "image_file", files={"image_file": ("big.png", "BIG")}),
