@@ -165,6 +165,7 @@ def task_claim_next(*, worker_name: str) -> VideoTask | None:
                 attempt_count=task.attempt_count + 1,  # the row is locked: nobody changed it since the read
                 worker_name=worker_name,
                 message=CLAIMED_MESSAGE,
+                run_stats={},  # an earlier run's statistics would give this one its ETA
             )
             if VideoTask.objects.filter(pk=task.pk, status=Status.SUBMITTED).update(**claim):
                 for name, value in claim.items():
@@ -296,8 +297,12 @@ def task_hand_back(*, task: VideoTask, reason: str) -> bool:
 
 
 def task_record_run_stats(*, task: VideoTask, run_stats: dict[str, Any]) -> None:
-    """Attach run statistics to a task without touching its status (e.g. where a cancel stopped it)."""
-    VideoTask.objects.filter(pk=task.pk, attempt_count=task.attempt_count).update(run_stats=run_stats)
+    """Attach a stopped run's statistics to its task where that run ended it (cancelled, or reaped to
+    failed); never to a task queued or running again."""
+    VideoTask.objects.filter(
+        pk=task.pk, attempt_count=task.attempt_count, worker_name=task.worker_name,
+        status__in=[Status.CANCELLED, Status.FAILED],
+    ).update(run_stats=run_stats)  # fmt: skip
 
 
 def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
@@ -388,6 +393,7 @@ def task_retry(*, task: VideoTask) -> VideoTask:
             file_path="",
             poster_path="",
             video_info={},
+            run_stats={},
             queued_at=timezone.now(),
             started_at=None,
             heartbeat_at=None,

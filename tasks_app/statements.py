@@ -59,7 +59,7 @@ WITH picked AS (
 ), claimed AS (
     UPDATE "{_TASKS}" SET "status" = %(running)s, "started_at" = %(now)s, "heartbeat_at" = %(now)s,
         "attempt_count" = "{_TASKS}"."attempt_count" + 1, "worker_name" = %(worker_name)s,
-        "message" = %(message)s
+        "message" = %(message)s, "run_stats" = '{{}}'::jsonb
     FROM picked WHERE "{_TASKS}"."task_id" = picked."task_id" AND "{_TASKS}"."status" = %(submitted)s
     RETURNING {rows.columns(*TASK_FIELDS)}
 ), opened AS (

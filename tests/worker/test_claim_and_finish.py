@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from django.db import connection
 
-from tasks_app import services, statements
+from tasks_app import selectors, services, statements
 from tasks_app.models import TaskAttempt, VideoTask
 from tests.conftest import REPO_ROOT
 
@@ -92,6 +92,29 @@ def test_a_second_run_gets_the_next_attempt_number_and_progress_never_goes_back(
     services.task_reap_stale(lease_s=-1, max_attempts=3)
     assert VideoTask.objects.get(pk=task.pk).status == "submitted"
     assert services.task_claim_next(worker_name="host:3").progress == 0.6
+
+
+def test_each_run_starts_without_earlier_statistics_and_a_stopped_run_writes_its_own_only_where_it_ended(api, form):
+    task = _submit(api, "stats")
+    run = services.task_claim_next(worker_name="host:1")
+    services.task_report_progress(task=run, progress=0.5, message="step 2/4", run_stats={"step_s": 1.0, "steps_done": 2})
+    assert services.task_hand_back(task=run, reason="worker shut down")
+
+    rerun = services.task_claim_next(worker_name="host:2")
+
+    assert rerun.run_stats == {} == VideoTask.objects.get(pk=task.pk).run_stats
+    assert selectors.eta_seconds(task=rerun) is None  # unknown until it steps, not "0 s" from the first run
+    # Reaped and queued again: the lost run's late statistics stay off the queued row.
+    services.task_reap_stale(lease_s=-1, max_attempts=3)
+    services.task_record_run_stats(task=rerun, run_stats={"from": "the lost run"})
+    assert VideoTask.objects.get(pk=task.pk).run_stats == {}
+    # Cancelled while running: that run's statistics are kept; a retry starts clean.
+    third = services.task_claim_next(worker_name="host:3")
+    services.task_cancel(task=VideoTask.objects.get(pk=task.pk))
+    services.task_record_run_stats(task=third, run_stats={"steps_done": 1})
+    assert VideoTask.objects.get(pk=task.pk).run_stats == {"steps_done": 1}
+    services.task_retry(task=VideoTask.objects.get(pk=task.pk))
+    assert VideoTask.objects.get(pk=task.pk).run_stats == {}
 
 
 def test_a_claim_skips_a_row_another_transaction_holds(api, form, transactional_db):
