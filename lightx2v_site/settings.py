@@ -205,8 +205,8 @@ LIGHTX2V_WORKERS = env_int("LIGHTX2V_WORKERS", 1)  # worker processes per qclust
 # Wall-clock limit of one generation (after the model is loaded); over it the task ends "failed".
 LIGHTX2V_TASK_TIMEOUT = env_int("LIGHTX2V_TASK_TIMEOUT", 3600)
 # Leases: a running task's worker refreshes heartbeat_at every LIGHTX2V_HEARTBEAT_S; a task whose heartbeat
-# is older than LIGHTX2V_LEASE_S is taken back by any worker's reaper and queued again, at most
-# LIGHTX2V_MAX_ATTEMPTS runs in all, then failed.
+# is older than LIGHTX2V_LEASE_S is taken back by any worker's reaper and queued again; the
+# LIGHTX2V_MAX_ATTEMPTS-th run lost since submit or an operator's retry fails it (hand-backs don't count).
 LIGHTX2V_HEARTBEAT_S = env_float("LIGHTX2V_HEARTBEAT_S", 5)
 # A running task's progress is written at most this often (and its statistics with it): what a poller
 # can see, not one write per step. 0 writes every step. Cancelling still stops a run at its next step

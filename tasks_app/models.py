@@ -70,6 +70,9 @@ class VideoTask(models.Model):
     )
     error = models.TextField(blank=True, help_text="the failure reason, for operators")
     attempt_count = models.PositiveIntegerField(default=0, help_text="how many times a worker claimed it")
+    lost_runs = models.PositiveIntegerField(
+        default=0, help_text="runs whose worker died since it was submitted or retried (LIGHTX2V_MAX_ATTEMPTS fails it)"
+    )
     worker_name = models.CharField(
         max_length=255, blank=True, help_text="host:pid of the worker that holds (or last held) the lease"
     )

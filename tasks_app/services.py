@@ -308,8 +308,9 @@ def task_record_run_stats(*, task: VideoTask, run_stats: dict[str, Any]) -> None
 def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
     """Take back running tasks whose heartbeat is older than ``lease_s``; returns them as updated.
 
-    Each goes back to ``submitted`` at its old place in the queue, or to ``failed`` once it
-    has had ``max_attempts`` runs; its open attempt is recorded as lost and the files that run
+    Each goes back to ``submitted`` at its old place in the queue, or to ``failed`` once
+    ``max_attempts`` of its runs were lost since it was submitted or retried (runs handed back on a
+    worker's shutdown do not count); its open attempt is recorded as lost and the files that run
     left unpublished are removed. Safe to call from every worker at once: rows another reaper
     holds are skipped.
     """
@@ -322,15 +323,16 @@ def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
         for task in stale:
             lost = f"worker {task.worker_name} stopped heartbeating (lease {lease_s:g} s)"
             _end_attempt(task, TaskAttempt.Outcome.LOST, lost)
-            if task.attempt_count >= max_attempts:
+            task.lost_runs += 1
+            if task.lost_runs >= max_attempts:
                 task.status, task.finished_at = Status.FAILED, timezone.now()
-                task.message = f"failed: gave up after {task.attempt_count} attempts; last: {lost}"
+                task.message = f"failed: gave up after {task.lost_runs} lost runs; last: {lost}"
                 task.error = task.message
             else:
                 task.status, task.heartbeat_at = Status.SUBMITTED, None
                 task.message = f"queued again: {lost}"
                 _wake_workers()
-            task.save(update_fields=["status", "message", "error", "heartbeat_at", "finished_at"])
+            task.save(update_fields=["status", "message", "error", "heartbeat_at", "finished_at", "lost_runs"])
             if task.status == Status.FAILED:
                 webhooks.enqueue(task)
             logger.warning("task %s reaped: %s", task.pk, task.message)
@@ -394,6 +396,7 @@ def task_retry(*, task: VideoTask) -> VideoTask:
             poster_path="",
             video_info={},
             run_stats={},
+            lost_runs=0,
             queued_at=timezone.now(),
             started_at=None,
             heartbeat_at=None,

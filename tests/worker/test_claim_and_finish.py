@@ -117,6 +117,26 @@ def test_each_run_starts_without_earlier_statistics_and_a_stopped_run_writes_its
     assert VideoTask.objects.get(pk=task.pk).run_stats == {}
 
 
+def test_only_runs_lost_since_submit_or_retry_count_towards_giving_up(api, form):
+    task = _submit(api, "through two deploys")
+    for worker in ("host:1", "host:2"):  # rolling deploys: both runs handed back
+        assert services.task_hand_back(task=services.task_claim_next(worker_name=worker), reason="worker shut down")
+    for number in (1, 2):
+        services.task_claim_next(worker_name=f"host:lost-{number}")
+        services.task_reap_stale(lease_s=-1, max_attempts=3)
+        assert VideoTask.objects.get(pk=task.pk).status == "submitted"
+
+    services.task_claim_next(worker_name="host:lost-3")
+    [reaped] = services.task_reap_stale(lease_s=-1, max_attempts=3)
+
+    assert (reaped.status, reaped.attempt_count, reaped.lost_runs) == ("failed", 5, 3)
+    assert reaped.message.startswith("failed: gave up after 3 lost runs; last: worker host:lost-3 stopped")
+    services.task_retry(task=reaped)  # an operator's retry: three more chances, not one
+    services.task_claim_next(worker_name="host:after-retry")
+    services.task_reap_stale(lease_s=-1, max_attempts=3)
+    assert VideoTask.objects.filter(pk=task.pk).values_list("status", "lost_runs").get() == ("submitted", 1)
+
+
 def test_a_claim_skips_a_row_another_transaction_holds(api, form, transactional_db):
     held, free = _submit(api, "held"), _submit(api, "free")
     settings = connection.settings_dict
