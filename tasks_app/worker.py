@@ -15,7 +15,7 @@ import traceback
 
 import numpy as np
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django_q.exceptions import TimeoutException
 
 from inference.encode import BackgroundMp4Writer, Mp4Writer, write_poster
@@ -32,6 +32,8 @@ from inference.pipelines import applied_options, load_count, load_pipeline, reso
 from . import services, storage, worker_process
 
 logger = logging.getLogger(__name__)
+# Errors of a database that could not be reached (dropped connection, server restarting), not of a query.
+DATABASE_UNREACHABLE = (OperationalError, InterfaceError)
 
 DENOISE_SHARE = 0.9  # progress given to denoising; decode and encode take the rest
 ENCODE_PROGRESS = 0.95
@@ -145,6 +147,10 @@ def execute_task(run: worker_process.Run) -> None:
     except HandBack:
         logger.info("task %s handed back: worker shutting down", task.task_id)
         _with_database_retry(lambda: services.task_hand_back(task=task, reason="worker shut down"))
+    except DATABASE_UNREACHABLE as exc:
+        # The final write (or the failure's) waited a lease for the database in vain. The task is not
+        # at fault: its lease runs out now and a reaper queues it again, instead of failing a finished video.
+        logger.error("task %s left to the reaper: database unreachable for a lease (%s)", task.task_id, exc)
     except (TaskTimedOut, TimeoutException):
         limit = settings.LIGHTX2V_TASK_TIMEOUT
         _with_database_retry(
@@ -167,7 +173,7 @@ def _with_database_retry(write, *, patience_s: float | None = None):
     while True:
         try:
             return write()
-        except DatabaseError as exc:
+        except DATABASE_UNREACHABLE as exc:
             connection.close()
             if time.monotonic() >= deadline:
                 raise

@@ -5,6 +5,7 @@ from datetime import timedelta
 
 import pytest
 
+from django.db import connection
 from django.utils import timezone
 from django_q.models import OrmQ
 
@@ -128,6 +129,33 @@ def test_an_output_that_cannot_be_written_fails_the_task_with_the_reason(workers
     assert final["status"] == "failed" and "FileExistsError" in final["message"], final["message"]
     assert str(output_root / "videos") in final["message"]
     assert final["file_path"] == "" and http.get(f"/v1/tasks/{task_id}/result").status_code == 409
+
+
+# A real connection loss at the worst moment: PostgreSQL ends the session of whoever writes a first run's
+# "succeed" (the worker's final write, retried for a lease), as a restart or a network cut would.
+_DROP_FIRST_FINISH = """
+CREATE FUNCTION test_drop_the_session() RETURNS trigger AS $$
+BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); PERFORM pg_sleep(5); RETURN NEW; END $$ LANGUAGE plpgsql;
+CREATE TRIGGER test_drop_first_finish BEFORE UPDATE ON tasks_app_videotask FOR EACH ROW
+WHEN (NEW.status = 'succeed' AND NEW.attempt_count = 1) EXECUTE FUNCTION test_drop_the_session();
+"""
+
+
+def test_a_finished_video_whose_final_write_cannot_reach_the_database_is_run_again_not_failed(workers, http):
+    with connection.cursor() as cursor:
+        cursor.execute(_DROP_FIRST_FINISH)
+    try:
+        workers.start(extra_env=FAST_LEASES)
+        task_id = submit(http, {"prompt": "done, but the database is gone", **SMALL})
+
+        final, _ = http.poll_until_finished(task_id, timeout=120)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER test_drop_first_finish ON tasks_app_videotask; DROP FUNCTION test_drop_the_session")
+
+    assert final["status"] == "succeed", final["message"]
+    assert [attempt["outcome"] for attempt in final["attempts"]] == ["lost", "succeed"]
+    assert http.get(f"/v1/tasks/{task_id}/result").status_code == 200
 
 
 def test_tasks_start_in_submission_order_across_workers(workers, http):
