@@ -121,8 +121,8 @@ def execute_task(run: worker_process.Run) -> None:
         with storage.output_files(task.task_id, task.attempt_count) as output:
             streaming = stream_encode()  # encoded on its own thread while the VAE decodes the next frames
             with (BackgroundMp4Writer if streaming else Mp4Writer)(output.video, fps=FPS) as video:
-                frames = _generate(run, run_stats, on_frames=video.write if streaming else None)
-                _report(run, ENCODE_PROGRESS, "encoding")
+                frames = _generate(run, run_stats, on_frames=_unless_stopped(run, video.write) if streaming else None)
+                _report(run, ENCODE_PROGRESS, "encoding", time_limited=False)  # the frames are done: keep them
                 started = time.perf_counter()
                 if not streaming:
                     video.write(frames)
@@ -181,9 +181,11 @@ def _with_database_retry(write, *, patience_s: float | None = None):
             time.sleep(1.0)
 
 
-def _report(run: worker_process.Run, progress: float, message: str, run_stats: dict | None = None) -> None:
+def _report(
+    run: worker_process.Run, progress: float, message: str, run_stats: dict | None = None, *, time_limited: bool = True
+) -> None:
     """Record progress (at most every ``LIGHTX2V_PROGRESS_INTERVAL_S``), and stop the run when it is
-    no longer ours, overdue on shutdown, or out of time.
+    no longer ours, overdue on shutdown, or (when ``time_limited``) out of time.
 
     A failed progress write (database down) is logged and skipped: it never stops a generation.
     """
@@ -200,8 +202,19 @@ def _report(run: worker_process.Run, progress: float, message: str, run_stats: d
             connection.close()
     if worker_process.shutdown_overdue():
         raise HandBack()
-    if run.deadline is not None and time.monotonic() > run.deadline:
+    if time_limited and run.deadline is not None and time.monotonic() > run.deadline:
         raise TaskTimedOut()
+
+
+def _unless_stopped(run: worker_process.Run, on_frames):
+    """``on_frames`` that first stops the run once it is no longer ours: a cancel during the decode."""
+
+    def hand_on(chunk: np.ndarray) -> None:
+        if run.lease_lost.is_set():
+            raise services.TaskNoLongerRunning(str(run.task.pk))
+        on_frames(chunk)
+
+    return hand_on
 
 
 def _generate(run: worker_process.Run, run_stats: dict, on_frames) -> np.ndarray:

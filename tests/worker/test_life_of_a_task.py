@@ -132,6 +132,22 @@ def test_a_cancel_reaches_the_worker_at_once_though_it_writes_no_progress(worker
     assert 1 <= stopped < 50
 
 
+def test_a_cancel_during_the_decode_stops_it_before_the_next_frames(workers, http):
+    """Denoising done, the VAE streaming frames to the encoder (the GPU default): the run stops at the next chunk."""
+    workers.start(extra_env={"LIGHTX2V_STREAM_ENCODE": "on", "LIGHTX2V_PROGRESS_INTERVAL_S": "0"})
+    task_id = submit(http, {"prompt": "long decode", "height": 480, "width": 832, "video_duration": 5, "infer_steps": 1})
+    wait_for(lambda: http.get(f"/v1/tasks/{task_id}/status").json()["progress"] >= 0.9, timeout=120,
+             what="the last step (the decode begins)", interval=0.01)  # fmt: skip
+
+    assert http.delete(f"/v1/tasks/{task_id}").json()["status"] == "cancelled"
+
+    next_id = submit(http, {"prompt": "next", **SMALL})  # one worker: this runs once the cancelled run stopped
+    assert http.poll_until_finished(next_id)[0]["status"] == "succeed"
+    stopped = VideoTask.objects.get(task_id=task_id)
+    assert stopped.status == "cancelled" and stopped.run_stats["steps_done"] == 1
+    assert "denoise_decode_s" not in stopped.run_stats  # the decode never returned: stopped inside it
+
+
 def test_progress_is_written_at_most_once_per_interval(workers, http):
     workers.start(extra_env={"LIGHTX2V_PROGRESS_INTERVAL_S": "3600"})
     final, _ = http.poll_until_finished(submit(http, {"prompt": "quiet", **SMALL, "infer_steps": 8}))
