@@ -4,7 +4,8 @@
 the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``:
 
 * extends the lease of the task this process is running (``services.task_heartbeat``), and
-  marks the run lost when the lease is gone (cancelled, or taken back by a reaper);
+  marks the run lost when the lease is gone (cancelled, or taken back by a reaper); a run still going
+  a lease past its time limit is stuck outside the step loop, and the process exits instead;
 * reaps tasks of other workers whose lease ran out (``services.task_reap_stale``);
 * every ``STRAY_RUN_FILES_SWEEP_S``, removes files of runs that can no longer publish them
   (``sweep_stray_run_files``);
@@ -184,6 +185,12 @@ def _leave() -> None:
 def _beat() -> None:
     with _current_lock:
         run = _current
+    if run is not None and run.deadline is not None and time.monotonic() > run.deadline + settings.LIGHTX2V_LEASE_S:
+        # A lease past its time limit and still not stopped: the main thread is stuck where no step
+        # check runs (a hung kernel, a blocking call). Renewing its lease would keep the task
+        # "running" forever; exiting frees the device, and the reaper queues the task again.
+        logger.error("worker %s: task %s is stuck past its time limit; exiting", os.getpid(), run.task.pk)
+        _exit_now()
     if run is not None and not run.lease_lost.is_set() and not services.task_heartbeat(task=run.task):
         run.lease_lost.set()
     services.task_reap_stale(lease_s=settings.LIGHTX2V_LEASE_S, max_attempts=settings.LIGHTX2V_MAX_ATTEMPTS)

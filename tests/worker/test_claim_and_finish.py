@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 
 import psycopg
@@ -234,3 +235,31 @@ def test_the_setting_becomes_the_connections_prepare_threshold(value, threshold)
     code = "from django.conf import settings; print(settings.DATABASES['default']['OPTIONS']['prepare_threshold'])"
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.stdout.strip() == str(threshold), result.stderr
+
+
+def test_a_run_stuck_past_its_time_limit_loses_its_lease_with_its_process(api, settings, monkeypatch):
+    """The heartbeat thread renews a lease whatever the main thread does; a main thread stuck in a hung
+    kernel never reaches a step check, so a lease past the limit the heartbeat ends the process."""
+    from tasks_app import worker_process
+
+    class Exited(Exception):
+        pass
+
+    def exit_now():
+        raise Exited
+
+    monkeypatch.setattr(worker_process, "_exit_now", exit_now)
+    _submit(api, "hangs")
+    run = worker_process.begin(services.task_claim_next(worker_name="host:1"))
+    try:
+        run.deadline = time.monotonic() + 1  # within its limit: the lease is renewed
+        worker_process._beat()
+        renewed_at = VideoTask.objects.get(pk=run.task.pk).heartbeat_at
+        assert renewed_at > run.task.heartbeat_at
+
+        run.deadline = time.monotonic() - settings.LIGHTX2V_LEASE_S - 1
+        with pytest.raises(Exited):
+            worker_process._beat()
+        assert VideoTask.objects.get(pk=run.task.pk).heartbeat_at == renewed_at  # not renewed: the reaper takes it
+    finally:
+        worker_process.end()
