@@ -154,16 +154,18 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
     @extend_schema(
         responses={
             (200, "video/mp4"): MP4_RESPONSE, (206, "video/mp4"): MP4_RESPONSE,
-            409: TaskStatusSerializer, 404: ERROR_RESPONSE, 416: ERROR_RESPONSE,
+            409: TaskStatusSerializer, 404: ERROR_RESPONSE, 410: ERROR_RESPONSE, 416: ERROR_RESPONSE,
         },  # fmt: skip
-        summary="Download the finished video",
+        summary="Download the finished video (409 until it succeeded; 410 if its file was removed since)",
     )
     @action(detail=True, methods=["get"])
     def result(self, request, task_id=None):
         task = self.get_object()
-        video = storage.resolve_public_path(task.file_path) if task.status == VideoTask.Status.SUCCEED else None
-        if video is None:
+        if task.status != VideoTask.Status.SUCCEED:
             return Response(self.get_serializer(task).data, status=status.HTTP_409_CONFLICT)
+        video = storage.resolve_public_path(task.file_path)
+        if video is None:  # removed from storage since (by an operator, a bucket's lifecycle rule)
+            return Response({"detail": "the video of this task is no longer stored"}, status=status.HTTP_410_GONE)
         return _stream_video(request, video)
 
     @extend_schema(

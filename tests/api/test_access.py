@@ -264,3 +264,15 @@ def test_any_accept_header_gets_the_video_or_a_json_answer(api, task_id, client,
         video = api.get(url, HTTP_ACCEPT=accept)
         assert (video.status_code, video["Content-Type"]) == (200, "video/mp4")
         assert b"".join(video.streaming_content).startswith(b"\x00\x00\x00\x18ftyp")
+
+
+def test_the_result_of_a_succeeded_task_whose_file_was_removed_is_gone_not_pending(api, task_id):
+    """A 409 tells a client to keep polling; a video removed from storage will never come back."""
+    public = _finished_video(task_id)
+    storage.outputs().delete(f"videos/{task_id}.mp4")
+
+    response = api.get(f"/v1/tasks/{task_id}/result")
+
+    assert (response.status_code, response.json()) == (410, {"detail": "the video of this task is no longer stored"})
+    assert api.get(f"/v1/files/download/{public}").status_code == 404
+    assert api.get(f"/v1/tasks/{task_id}/status").json()["status"] == "succeed"
