@@ -1,12 +1,11 @@
 """URL map: the public API under /v1 (../shared/API.md), schema and docs, admin."""
 from django.contrib import admin
-from django.http import JsonResponse
 from django.urls import path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from tasks_app.errors import read_only
 from tasks_app.metrics import metrics_view
 from tasks_app.views import FileViewSet, ServiceViewSet, VideoTaskViewSet
-
 
 
 def routed(viewset, mapping: dict[str, str]):
@@ -15,17 +14,6 @@ def routed(viewset, mapping: dict[str, str]):
     for action_name in mapping.values():
         initkwargs.update(getattr(getattr(viewset, action_name), "kwargs", {}))
     return viewset.as_view(mapping, **initkwargs)
-
-
-def _pages_only(view):
-    """GET/HEAD to an HTML docs page; other methods a JSON 405 (its HTML renderer cannot answer OPTIONS)."""
-
-    def page(request, *args, **kwargs):
-        if request.method not in ("GET", "HEAD"):
-            return JsonResponse({"detail": f'Method "{request.method}" not allowed.'}, status=405)
-        return view(request, *args, **kwargs)
-
-    return page
 
 
 def tasks(mapping: dict[str, str]):
@@ -44,8 +32,8 @@ urlpatterns = [
     path("v1/service/status", routed(ServiceViewSet, {"get": "health"}), name="service-status"),
     path("v1/service/metadata", routed(ServiceViewSet, {"get": "metadata"}), name="service-metadata"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
-    path("docs", _pages_only(SpectacularSwaggerView.as_view(url_name="openapi-schema")), name="swagger-ui"),
-    path("redoc", _pages_only(SpectacularRedocView.as_view(url_name="openapi-schema")), name="redoc"),
+    path("docs", read_only(SpectacularSwaggerView.as_view(url_name="openapi-schema")), name="swagger-ui"),
+    path("redoc", read_only(SpectacularRedocView.as_view(url_name="openapi-schema")), name="redoc"),
     path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
 ]

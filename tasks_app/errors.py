@@ -1,10 +1,12 @@
 """Domain errors raised by services, and the one place that turns them (and Django's) into JSON 4xx."""
+import functools
 import logging
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig, TooManyFieldsSent
 from django.db import OperationalError
 from django.http import Http404, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -101,3 +103,19 @@ def json_server_error(request):
 
 def json_bad_request(request, exception=None):
     return JsonResponse({"detail": "Bad request."}, status=400)
+
+
+def read_only(view):
+    """``view`` for GET/HEAD; any other method a JSON 405 with ``Allow`` (not Django's HTML CSRF page:
+    the view changes nothing, so it needs no CSRF check)."""
+
+    @csrf_exempt
+    @functools.wraps(view)
+    def answer(request, *args, **kwargs):
+        if request.method not in ("GET", "HEAD"):
+            response = JsonResponse({"detail": f'Method "{request.method}" not allowed.'}, status=405)
+            response["Allow"] = "GET, HEAD"
+            return response
+        return view(request, *args, **kwargs)
+
+    return answer

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import selectors
+from .errors import read_only
 from .models import TaskAttempt, VideoTask
 
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
@@ -92,13 +93,15 @@ def _allowed(request) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-@csrf_exempt  # no state changes and no cookies: a POST gets the JSON 405 below, not an HTML CSRF page
+@csrf_exempt  # read-only: its 404 or 405 must not turn into Django's HTML CSRF page
 def metrics_view(request):
-    """The exposition text for GET/HEAD; 404 to a caller not allowed to scrape, whatever the method."""
+    """The exposition text for GET/HEAD (a JSON 405 for other methods); 404 to a caller not allowed
+    to scrape, whatever the method."""
     if not _allowed(request):
         return JsonResponse({"detail": "Not found."}, status=404)
-    if request.method not in ("GET", "HEAD"):
-        response = JsonResponse({"detail": f'Method "{request.method}" not allowed.'}, status=405)
-        response["Allow"] = "GET, HEAD"
-        return response
+    return _exposition(request)
+
+
+@read_only
+def _exposition(request):
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -1,6 +1,7 @@
-"""Prometheus /metrics: the series operators alert on, and who may read them."""
+"""Prometheus /metrics: the series operators alert on, and who may read them; read-only pages refuse other methods in JSON."""
 from datetime import timedelta
 
+import pytest
 from django.test import Client
 from django.utils import timezone
 
@@ -56,13 +57,15 @@ def test_metrics_without_a_token_answer_loopback_only(client, db):
     assert client.get("/metrics", REMOTE_ADDR="127.0.0.1").status_code == 200
 
 
-def test_metrics_answer_other_methods_with_a_json_405(db):
+@pytest.mark.parametrize("url", ["/metrics", "/docs", "/redoc"])
+def test_read_only_pages_answer_other_methods_with_a_json_405(db, url):
     """A POST is refused in JSON like the rest of the API, not with Django's HTML CSRF page."""
     client = Client(enforce_csrf_checks=True)
-    for method in (client.post, client.put, client.delete):
-        response = method("/metrics")
+    for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+        response = client.generic(method, url)
         assert (response.status_code, response["Allow"], response.json()) == (
-            405, "GET, HEAD", {"detail": f'Method "{response.request["REQUEST_METHOD"]}" not allowed.'}
-        )  # fmt: skip
-    assert client.head("/metrics").status_code == 200
-    assert client.post("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 404  # not told it exists
+            405, "GET, HEAD", {"detail": f'Method "{method}" not allowed.'}
+        ), method  # fmt: skip
+    assert client.head(url).status_code == 200
+    if url == "/metrics":
+        assert client.post(url, REMOTE_ADDR="10.1.2.3").status_code == 404  # not told it exists
