@@ -15,6 +15,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
@@ -68,10 +69,30 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 )
 
 
+class TaskPages(PageNumberPagination):
+    """DRF's page numbers (``?page=N`` or ``last``, 20 a page), with errors naming ``page``: 400 for a page that is
+    not a whole number from 1, 404 for one past the last."""
+
+    def get_page_number(self, request, paginator):
+        page_number = request.query_params.get(self.page_query_param) or "1"
+        if page_number in self.last_page_strings:  # "last"
+            return paginator.num_pages
+        if not re.fullmatch(r"[0-9]+", page_number, re.ASCII) or int(page_number) < 1:
+            raise ValidationError({self.page_query_param: ["must be a whole number from 1"]})
+        return page_number
+
+    def paginate_queryset(self, queryset, request, view=None):
+        try:
+            return super().paginate_queryset(queryset, request, view)
+        except NotFound as exc:
+            raise NotFound({self.page_query_param: ["past the last page"]}) from exc
+
+
 class VideoTaskViewSet(viewsets.GenericViewSet):
     """Submit, list, poll, fetch and cancel the caller's video tasks."""
 
     serializer_class = TaskStatusSerializer
+    pagination_class = TaskPages
     lookup_field = "task_id"
 
     def get_queryset(self):

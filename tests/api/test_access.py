@@ -276,3 +276,14 @@ def test_the_result_of_a_succeeded_task_whose_file_was_removed_is_gone_not_pendi
     assert (response.status_code, response.json()) == (410, {"detail": "the video of this task is no longer stored"})
     assert api.get(f"/v1/files/download/{public}").status_code == 404
     assert api.get(f"/v1/tasks/{task_id}/status").json()["status"] == "succeed"
+
+
+def test_the_task_list_pages_by_twenty(api, settings):
+    settings.LIGHTX2V_MAX_UNFINISHED_PER_USER = 100
+    ids = [api.post(SUBMIT, {"prompt": f"p{i}"}, format="json").json()["task_id"] for i in range(23)]
+
+    first, last = api.get("/v1/tasks").json(), api.get("/v1/tasks?page=last").json()
+
+    assert first["count"] == 23 and len(first["results"]) == 20 and first["next"].endswith("page=2")
+    assert [task["task_id"] for task in first["results"] + api.get(first["next"]).json()["results"]] == ids[::-1]
+    assert last["results"] == api.get("/v1/tasks?page=2").json()["results"] and last["next"] is None

@@ -192,6 +192,12 @@ CORPUS = [
         files={"image_file": ("x.png", "PNG")},
     ),
     # --- ids and downloads ------------------------------------------------------------------------
+    Bad("list page 0", "get", "/v1/tasks?page=0", 400, "page"),
+    Bad("list page a word", "get", "/v1/tasks?page=abc", 400, "page"),
+    Bad("list page negative", "get", "/v1/tasks?page=-1", 400, "page"),
+    Bad("list page a fraction", "get", "/v1/tasks?page=1.5", 400, "page"),
+    Bad("list page in full-width digits", "get", "/v1/tasks?page=%EF%BC%92", 400, "page"),
+    Bad("list page past the last", "get", "/v1/tasks?page=2", 404, "page"),
     Bad("status of a non-UUID id", "get", "/v1/tasks/not-a-uuid/status", 404, "detail"),
     Bad("status of an unknown id", "get", "/v1/tasks/00000000-0000-4000-8000-000000000000/status", 404, "detail"),
     Bad("result of a non-UUID id", "get", "/v1/tasks/1%27%20OR%201=1/result", 404, "detail"),
