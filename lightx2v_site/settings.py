@@ -281,6 +281,7 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"]
     + (["rest_framework.renderers.BrowsableAPIRenderer"] if DEBUG else []),
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "tasks_app.negotiation.JsonUnlessAcceptable",
+    "URL_FORMAT_OVERRIDE": None,  # ?format= is an ordinary (ignored) query parameter, not a 404
 }
 if LIGHTX2V_ALLOW_ANONYMOUS:
     REST_FRAMEWORK["DEFAULT_AUTHENTICATION_CLASSES"].append("tasks_app.authentication.LocalDemoAuthentication")

@@ -253,6 +253,8 @@ def test_any_accept_header_gets_the_video_or_a_json_answer(api, task_id, client,
     """A player's Accept: video/mp4 gets the video (DRF answered 406); HTML or XML asks get JSON, errors too."""
     queued = api.get(f"/v1/tasks/{task_id}/result", HTTP_ACCEPT=accept)
     assert (queued.status_code, queued["Content-Type"], queued.json()["status"]) == (409, "application/json", "submitted")
+    for fmt in ("xml", "api", "json"):  # a ?format= picks nothing either (DRF answered 404 for the task)
+        assert api.get(f"/v1/tasks/{task_id}/status?format={fmt}").json()["status"] == "submitted"
     missing = api.get(f"/v1/tasks/{'0' * 8}-0000-4000-8000-{'0' * 12}/status", HTTP_ACCEPT=accept)
     assert (missing.status_code, missing.json()) == (404, {"detail": "Not found."})
     assert client.get("/v1/tasks", HTTP_ACCEPT=accept).json()["detail"]  # 401, no token
