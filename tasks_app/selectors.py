@@ -1,5 +1,6 @@
 """Reads with logic: queue position, per-status counts, live workers, a user's tasks."""
 import functools
+import heapq
 import time
 import uuid
 
@@ -142,21 +143,46 @@ def recent_mean_duration_s(*, limit: int = 50) -> float | None:
 def eta_seconds(*, task: VideoTask, position: int | None = None) -> float | None:
     """Estimated seconds until ``task`` finishes, from recent step times and durations; None if unknown.
 
-    Running: the steps left at this run's own mean step time. Submitted: the tasks ahead of it
-    shared among the live workers, plus itself, at the recent mean task duration
-    (``position``: its queue position, when the caller already has it).
+    Running: the steps left at this run's own mean step time. Submitted: when a worker is free for
+    it (the live workers first finish what they run, then the tasks ahead of it, each at the recent
+    mean task duration), plus its own duration (``position``: its queue position, when the caller
+    already has it).
     """
     if task.status == Status.RUNNING:
-        step_s = task.run_stats.get("step_s")
-        if step_s is None:
-            return None
-        steps_left = task.infer_steps * task.num_fragments - task.run_stats.get("steps_done", 0)
-        return round(max(steps_left, 0) * step_s, 1)
+        return _run_seconds_left(task)
     if task.status == Status.SUBMITTED:
         mean_duration = _recently_computed("mean_duration_s", recent_mean_duration_s)
         if mean_duration is None:
             return None
         ahead = (position or queue_position(task=task)) - 1
-        workers = _recently_computed("live_workers", live_worker_count)
-        return round((ahead / max(workers, 1) + 1) * mean_duration, 1)
+        running_left = _recently_computed("running_left_s", lambda: _running_seconds_left(mean_duration))
+        workers = max(_recently_computed("live_workers", live_worker_count), len(running_left), 1)
+        return round(_worker_free_after(running_left, workers, ahead, mean_duration) + mean_duration, 1)
     return None
+
+
+def _run_seconds_left(task: VideoTask) -> float | None:
+    step_s = task.run_stats.get("step_s")
+    if step_s is None:
+        return None
+    steps_left = task.infer_steps * task.num_fragments - task.run_stats.get("steps_done", 0)
+    return round(max(steps_left, 0) * step_s, 1)
+
+
+def _running_seconds_left(mean_duration: float) -> list[float]:
+    """What each running task has left (a whole mean duration for one still loading its model)."""
+    running = VideoTask.objects.filter(status=Status.RUNNING).only("infer_steps", "num_fragments", "run_stats")
+    return [left if (left := _run_seconds_left(task)) is not None else mean_duration for task in running]
+
+
+SIMULATED_TASKS_AHEAD = 1000
+
+
+def _worker_free_after(running_left: list[float], workers: int, ahead: int, mean_duration: float) -> float:
+    """Seconds until one of ``workers`` is free for the task behind ``ahead`` queued ones, each taken by
+    the first worker free; past ``SIMULATED_TASKS_AHEAD`` they are shared out evenly."""
+    free_at = sorted(running_left)[:workers] + [0.0] * max(workers - len(running_left), 0)
+    heapq.heapify(free_at)
+    for _ in range(min(ahead, SIMULATED_TASKS_AHEAD)):
+        heapq.heapreplace(free_at, free_at[0] + mean_duration)
+    return free_at[0] + max(ahead - SIMULATED_TASKS_AHEAD, 0) * mean_duration / workers

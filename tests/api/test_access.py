@@ -230,9 +230,28 @@ def test_status_gives_an_eta_from_recent_tasks(api, task_id):
     )
     selectors.forget_estimate_inputs()  # kept per process for ESTIMATE_INPUTS_TTL_S; this test does not wait
     assert api.get(f"/v1/tasks/{task_id}/status").json()["eta_s"] == 20.0  # next in line, 20 s per task
+    busy = api.post(SUBMIT, {"prompt": "running"}, format="json").json()["task_id"]
+    VideoTask.objects.filter(task_id=busy).update(status="running", run_stats={"step_s": 2.0, "steps_done": 1})
+    selectors.forget_estimate_inputs()
+    assert api.get(f"/v1/tasks/{task_id}/status").json()["eta_s"] == 26.0  # the one worker's 6 s left first
+    VideoTask.objects.filter(task_id=busy).update(status="succeed", started_at=now, finished_at=now)
 
     VideoTask.objects.filter(task_id=task_id).update(status="running", run_stats={"step_s": 1.5, "steps_done": 1})
     assert api.get(f"/v1/tasks/{task_id}/status").json()["eta_s"] == 4.5  # 3 of its 4 steps left
+
+
+@pytest.mark.parametrize("running_left, workers, ahead, free_after", [
+    ([], 1, 0, 0.0),             # an idle worker takes it at once
+    ([10.0], 2, 0, 0.0),         # one of two workers is idle
+    ([10.0], 1, 0, 10.0),        # the only worker first finishes its run
+    ([10.0], 2, 1, 10.0),        # the idle worker takes the one ahead; the busy one is free at 10 s
+    ([10.0, 30.0], 2, 2, 30.0),  # 10 -> the first ahead (till 30), 30 -> the second; then 30 again
+    ([], 2, 3000, 30_000.0),     # a long queue: shared out between the workers
+])
+def test_a_queued_task_waits_for_the_first_worker_free_after_the_runs_and_tasks_ahead(
+    running_left, workers, ahead, free_after
+):
+    assert selectors._worker_free_after(running_left, workers, ahead, 20.0) == free_after
 
 
 def test_a_task_id_is_found_only_in_its_canonical_spelling(api, task_id):
