@@ -71,7 +71,7 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 
 class TaskPages(PageNumberPagination):
     """DRF's page numbers (``?page=N`` or ``last``, 20 a page), with errors naming ``page``: 400 for a page that is
-    not a whole number from 1, 404 for one past the last."""
+    not a whole number from 1, 404 (``detail``) for one past the last."""
 
     def get_page_number(self, request, paginator):
         page_number = request.query_params.get(self.page_query_param) or "1"
@@ -85,7 +85,8 @@ class TaskPages(PageNumberPagination):
         try:
             return super().paginate_queryset(queryset, request, view)
         except NotFound as exc:
-            raise NotFound({self.page_query_param: ["past the last page"]}) from exc
+            pages = self.django_paginator_class(queryset, self.get_page_size(request)).num_pages
+            raise NotFound(f"{self.page_query_param} is past the last page ({pages})") from exc
 
 
 class VideoTaskViewSet(viewsets.GenericViewSet):
