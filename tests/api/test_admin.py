@@ -26,6 +26,9 @@ def test_task_list_shows_filters_and_searches(operator, api):
     assert page.status_code == 200
     assert b"1 result" in page.content
     assert operator.get("/admin/tasks_app/videotask/", {"status__exact": "failed"}).status_code == 200
+    for query in ({"status__exact": "\x00"}, {"q": "a\x00b"}, {"o\x00": "1"}):  # PostgreSQL refuses NUL in text
+        refused = operator.get("/admin/tasks_app/videotask/", query)
+        assert refused.status_code == 400 and "NUL" in refused.json()["detail"], query
 
 
 def test_retry_action_requeues_failed_tasks_keeping_attempts(operator, api):
