@@ -22,7 +22,7 @@ from rest_framework.response import Response
 
 from inference.lora import list_loras
 from inference.options import CACHE_KINDS
-from inference.sampling import SCHEDULERS
+from inference.sampling import SCHEDULERS, default_shift
 
 from . import fingerprints, selectors, services, storage
 from .parsers import UnicodeJSONParser, UploadMultiPartParser
@@ -278,7 +278,13 @@ class ServiceViewSet(viewsets.ViewSet):
                     "t2v": Path(settings.LIGHTX2V_MODEL_PATH).name or None,
                     "i2v": Path(settings.LIGHTX2V_I2V_MODEL_PATH).name or None,
                 },
-                "defaults": {**REQUEST_DEFAULTS, "fps": 16, "sample_shift": "5.0 (distilled) or by resolution"},
+                # What a request that leaves a field out gets (sample_shift: at the default size; see its help).
+                "defaults": {
+                    **REQUEST_DEFAULTS, "fps": 16, "step_cache": settings.LIGHTX2V_INFERENCE_OPTIONS.cache,
+                    "sample_shift": default_shift(
+                        REQUEST_DEFAULTS["height"], REQUEST_DEFAULTS["width"], distilled=settings.LIGHTX2V_DISTILLED
+                    ),
+                },
                 "loras": list_loras(settings.LIGHTX2V_LORA_DIR),
                 "schedulers": {"available": list(SCHEDULERS), "configured": settings.LIGHTX2V_SCHEDULER or "model"},
                 "resize_modes": list(RESIZE_MODES),

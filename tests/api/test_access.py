@@ -173,6 +173,8 @@ def test_service_status_and_metadata_need_no_token(client, db):
     assert health.status_code == 200 and health.json()["database"] is True
     metadata = client.get("/v1/service/metadata").json()
     assert metadata["defaults"]["infer_steps"] == 4 and metadata["defaults"]["width"] == 832
+    # Each default has the type of its field: what a client gets by leaving the field out.
+    assert (metadata["defaults"]["sample_shift"], metadata["defaults"]["step_cache"]) == (5.0, "none")
     assert metadata["models"]["t2v"] == "t2v"
 
 
