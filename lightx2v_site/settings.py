@@ -69,6 +69,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "tasks_app.middleware.refuse_nul_in_query",
+    "tasks_app.middleware.api_paths_without_trailing_slash",
     "whitenoise.middleware.WhiteNoiseMiddleware",  # admin and /docs assets without a separate web server
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

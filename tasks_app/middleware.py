@@ -12,3 +12,16 @@ def refuse_nul_in_query(get_response):
         return get_response(request)
 
     return middleware
+
+
+def api_paths_without_trailing_slash(get_response):
+    """``/v1/tasks/video/`` is ``/v1/tasks/video``: the API's paths take a trailing slash as clients of
+    the original server (which redirected) send it, answered in place so a POST keeps its body."""
+
+    def middleware(request):
+        path = request.path_info
+        if path.startswith("/v1/") and path.endswith("/") and not path.endswith("//"):
+            request.path_info = path[:-1]
+        return get_response(request)
+
+    return middleware

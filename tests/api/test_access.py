@@ -310,3 +310,13 @@ def test_the_task_list_pages_by_twenty(api, settings):
     assert first["count"] == 23 and len(first["results"]) == 20 and first["next"].endswith("page=2")
     assert [task["task_id"] for task in first["results"] + api.get(first["next"]).json()["results"]] == ids[::-1]
     assert last["results"] == api.get("/v1/tasks?page=2").json()["results"] and last["next"] is None
+
+
+def test_api_paths_take_a_trailing_slash(api, task_id):
+    created = api.post(SUBMIT + "/", {"prompt": "slashed"}, format="json")
+    assert created.status_code == 201
+    for url in ("/v1/tasks/", f"/v1/tasks/{task_id}/status/", "/v1/tasks/queue/status/", "/v1/service/metadata/"):
+        assert api.get(url).status_code == 200, url
+    assert api.get(f"/v1/tasks/{task_id}/result/").status_code == 409
+    assert api.delete(f"/v1/tasks/{created.json()['task_id']}/").json()["status"] == "cancelled"
+    assert api.get("/v1/tasks//").status_code == 404
