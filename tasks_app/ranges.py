@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 
 from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 
-_SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_SINGLE_RANGE = re.compile(r"^bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)$", re.IGNORECASE)  # units: RFC 9110 14.1
 CHUNK_BYTES = 64 * 1024
 MAX_POSITION_DIGITS = 19
 

@@ -192,6 +192,8 @@ def test_openapi_schema_and_docs_are_served(client, db):
     ("range_header", "status", "content_range", "body"),
     [
         ("bytes=0-3", 206, "bytes 0-3/1000", b"0123"),
+        ("BYTES = 0 - 3", 206, "bytes 0-3/1000", b"0123"),  # the unit is case-insensitive; spaces allowed
+        ("bytes=\u0661-3", 200, None, None),  # only ASCII digits
         ("bytes=995-", 206, "bytes 995-999/1000", b"56789"),
         ("bytes=-3", 206, "bytes 997-999/1000", b"789"),
         ("bytes=990-5000", 206, "bytes 990-999/1000", b"0123456789"),
