@@ -52,6 +52,7 @@ ERROR_RESPONSE = OpenApiResponse(
 FIELD_ERRORS = OpenApiResponse(response=OpenApiTypes.OBJECT, description="field name -> list of rule failures")
 SUBMIT_ERRORS = {
     400: FIELD_ERRORS,
+    413: OpenApiResponse(response=ERROR_RESPONSE.response, description="body (or upload) over the size limit"),
     415: OpenApiResponse(response=ERROR_RESPONSE.response, description="unsupported Content-Type"),
     422: OpenApiResponse(response=ERROR_RESPONSE.response, description="Idempotency-Key reused with another body"),
     429: OpenApiResponse(response=ERROR_RESPONSE.response, description="too many unfinished tasks (Retry-After)"),
@@ -134,7 +135,7 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
     @extend_schema(
         request={"multipart/form-data": VideoFormRequestSerializer},
         parameters=[IDEMPOTENCY_KEY, *SUBMIT_HEADERS],
-        responses={201: TaskCreatedSerializer, 200: TaskCreatedSerializer, 413: ERROR_RESPONSE, **SUBMIT_ERRORS},
+        responses={201: TaskCreatedSerializer, 200: TaskCreatedSerializer, **SUBMIT_ERRORS},
         summary="Submit a video task (multipart, with an image_file for I2V)",
     )
     @action(detail=False, methods=["post"], parser_classes=[UploadMultiPartParser, FormParser])
