@@ -16,7 +16,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import Count, F, Q, Value
-from django.db.models.functions import Greatest
+from django.db.models.functions import Greatest, Now
 from django.utils import timezone
 from django_q.brokers import get_broker
 from django_q.models import OrmQ
@@ -146,7 +146,7 @@ def task_claim_next(*, worker_name: str) -> VideoTask | None:
     On PostgreSQL it is one statement (``statements.claim_next``), the same changes as below.
     """
     if statements.supported():
-        return statements.claim_next(worker_name=worker_name, now=timezone.now(), message=CLAIMED_MESSAGE)
+        return statements.claim_next(worker_name=worker_name, message=CLAIMED_MESSAGE)
     while True:
         with transaction.atomic():
             task = (
@@ -216,7 +216,7 @@ def _end_run(task: VideoTask, changes: dict[str, Any], outcome: str, error: str 
 
 def task_heartbeat(*, task: VideoTask) -> bool:
     """Extend this run's lease; False when the run no longer holds it (cancelled, or taken back)."""
-    return bool(_this_run(task).update(heartbeat_at=timezone.now()))
+    return bool(_this_run(task).update(heartbeat_at=Now()))
 
 
 def task_report_progress(
@@ -228,7 +228,7 @@ def task_report_progress(
     updated = _this_run(task).update(
         progress=Greatest(F("progress"), Value(min(progress, 1.0))),
         message=message,
-        heartbeat_at=timezone.now(),
+        heartbeat_at=Now(),
         **changes,
     )
     if not updated:
@@ -314,7 +314,7 @@ def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
     left unpublished are removed. Safe to call from every worker at once: rows another reaper
     holds are skipped.
     """
-    cutoff = timezone.now() - timedelta(seconds=lease_s)
+    cutoff = Now() - Value(timedelta(seconds=lease_s))  # heartbeats are the database's time too
     reaped = []
     with transaction.atomic():
         stale = VideoTask.objects.select_for_update(skip_locked=True).filter(

@@ -11,7 +11,6 @@ tests hold both forms to the same rows.
 """
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -51,27 +50,32 @@ def unfinished_counts(*, owner_id) -> tuple[int, int]:
     return tuple(rows.plain_rows(_UNFINISHED_COUNTS, params)[0])
 
 
-# The oldest submitted row that no other claim holds, marked running; its attempt opened; the row returned.
+# The oldest submitted row that no other claim holds, marked running at the database's time; its
+# attempt opened; the row returned.
 _CLAIM = f"""
 WITH picked AS (
     SELECT "task_id" FROM "{_TASKS}" WHERE "status" = %(submitted)s
     ORDER BY "queued_at" LIMIT 1 FOR UPDATE SKIP LOCKED
 ), claimed AS (
-    UPDATE "{_TASKS}" SET "status" = %(running)s, "started_at" = %(now)s, "heartbeat_at" = %(now)s,
+    UPDATE "{_TASKS}" SET "status" = %(running)s, "started_at" = statement_timestamp(),
+        "heartbeat_at" = statement_timestamp(),
         "attempt_count" = "{_TASKS}"."attempt_count" + 1, "worker_name" = %(worker_name)s,
         "message" = %(message)s, "run_stats" = '{{}}'::jsonb
     FROM picked WHERE "{_TASKS}"."task_id" = picked."task_id" AND "{_TASKS}"."status" = %(submitted)s
     RETURNING {rows.columns(*TASK_FIELDS)}
 ), opened AS (
     INSERT INTO "{_ATTEMPTS}" ("task_id", "number", "worker_name", "started_at", "outcome", "error")
-    SELECT "task_id", "attempt_count", %(worker_name)s, %(now)s, %(attempt_running)s, '' FROM claimed
+    SELECT "task_id", "attempt_count", %(worker_name)s, "started_at", %(attempt_running)s, '' FROM claimed
 )
 SELECT * FROM claimed
 """
 
 
-def claim_next(*, worker_name: str, now: datetime, message: str) -> VideoTask | None:
-    """Claim the oldest submitted task for ``worker_name`` (see ``services.task_claim_next``); None if none."""
+def claim_next(*, worker_name: str, message: str) -> VideoTask | None:
+    """Claim the oldest submitted task for ``worker_name`` (see ``services.task_claim_next``); None if none.
+
+    Its start and first heartbeat are the database's time, like every later heartbeat: leases never
+    compare two hosts' clocks."""
     found = rows.converted_rows(
         _CLAIM,
         {
@@ -79,7 +83,6 @@ def claim_next(*, worker_name: str, now: datetime, message: str) -> VideoTask | 
             "running": VideoTask.Status.RUNNING,
             "attempt_running": TaskAttempt.Outcome.RUNNING,
             "worker_name": worker_name,
-            "now": now,
             "message": message,
         },
         TASK_FIELDS,

@@ -138,6 +138,23 @@ def test_only_runs_lost_since_submit_or_retry_count_towards_giving_up(api, form)
     assert VideoTask.objects.filter(pk=task.pk).values_list("status", "lost_runs").get() == ("submitted", 1)
 
 
+def test_leases_hold_whatever_the_hosts_clocks_say(api, form, monkeypatch):
+    """Heartbeats and the reaper's cutoff are the database's time: a live run keeps its lease when its
+    worker's clock is behind and when a reaper's clock is ahead (several machines share one queue)."""
+    from django.utils import timezone
+
+    host_clock = timezone.now
+    _submit(api, "skewed clocks")
+    monkeypatch.setattr(timezone, "now", lambda: host_clock() - timedelta(minutes=2))  # this worker's clock
+    run = services.task_claim_next(worker_name="behind:1")
+    assert services.task_heartbeat(task=run)
+
+    monkeypatch.setattr(timezone, "now", lambda: host_clock() + timedelta(minutes=2))  # another worker's clock
+    assert services.task_reap_stale(lease_s=60, max_attempts=3) == []
+    assert VideoTask.objects.get(pk=run.pk).status == "running"
+    assert [task.pk for task in services.task_reap_stale(lease_s=-1, max_attempts=3)] == [run.pk]  # still reaps
+
+
 def test_a_claim_skips_a_row_another_transaction_holds(api, form, transactional_db):
     held, free = _submit(api, "held"), _submit(api, "free")
     settings = connection.settings_dict
