@@ -9,11 +9,15 @@ VAR_DIR := $(CURDIR)/var
 TINY_MODEL_DIR := $(VAR_DIR)/tiny-model
 
 # `make run` is the one-command local demo: DEBUG on, SQLite under var/ unless DATABASE_URL is set,
-# and the tiny random Wan model unless LIGHTX2V_MODEL_PATH names a real Wan2.1 directory.
-RUN_ENV = DEBUG=$${DEBUG:-1} \
-	LIGHTX2V_MODEL_PATH=$${LIGHTX2V_MODEL_PATH:-$(TINY_MODEL_DIR)/t2v} \
+# and the tiny random Wan models (T2V, I2V, LoRAs) unless LIGHTX2V_MODEL_PATH names a real Wan2.1
+# directory; then I2V and LoRAs are whatever LIGHTX2V_I2V_MODEL_PATH and LIGHTX2V_LORA_DIR say (no
+# I2V model: image requests are a 400), never the tiny ones beside a real model.
+ifeq ($(LIGHTX2V_MODEL_PATH),)
+TINY_MODELS = LIGHTX2V_MODEL_PATH=$(TINY_MODEL_DIR)/t2v \
 	LIGHTX2V_I2V_MODEL_PATH=$${LIGHTX2V_I2V_MODEL_PATH:-$(TINY_MODEL_DIR)/i2v} \
 	LIGHTX2V_LORA_DIR=$${LIGHTX2V_LORA_DIR:-$(TINY_MODEL_DIR)/loras}
+endif
+RUN_ENV = DEBUG=$${DEBUG:-1} $(TINY_MODELS)
 
 .PHONY: install run test migrate clean
 
