@@ -14,8 +14,11 @@ from urllib.parse import quote
 import requests
 
 FINISHED = ("succeed", "failed", "cancelled")
-RETRYABLE_STATUS = (502, 503, 504)
+# Worth asking again after a while (Retry-After): too many unfinished tasks, queue full, gateway trouble.
+RETRYABLE_STATUS = (429, 502, 503, 504)
 CHUNK_BYTES = 1 << 16
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only read it by setting it)
+os.umask(_UMASK)
 
 
 class ApiError(Exception):
@@ -74,12 +77,18 @@ class Client:
         self.close()
 
     def _request(self, method: str, path: str, *, retry: bool = True, **kwargs) -> requests.Response:
-        """One call, retried on no answer or 502/503/504 (honouring ``Retry-After``) when ``retry``."""
+        """One call, retried on no answer or 429/502/503/504 (honouring ``Retry-After``) when ``retry``.
+
+        A malformed server URL or header is a ``ValueError`` at once, not retried as an unreachable server.
+        """
         attempts = self.retries + 1 if retry else 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
                 response = self.session.request(method, self.server + path, timeout=self.timeout, **kwargs)
+            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                    requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader) as exc:  # fmt: skip
+                raise ValueError(f"{self.server}: {exc}") from exc
             except requests.RequestException as exc:
                 if last:
                     raise ServerUnreachable(f"{self.server}: {exc}") from exc
@@ -147,6 +156,7 @@ class Client:
         try:
             with os.fdopen(fd, "wb") as handle:
                 written = self._stream_into(_task_path(task_id, "/result"), handle)
+            os.chmod(temp_name, 0o666 & ~_UMASK)  # what open() would have given it (mkstemp: 0600)
             os.replace(temp_name, out)
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)

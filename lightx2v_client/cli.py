@@ -1,7 +1,8 @@
 """``python -m lightx2v_client``: generate a video, or look at, cancel and download a task.
 
 Exit codes: 0 done; 2 bad input or a 4xx answer; 3 the task failed or was cancelled; 4 the server is
-unreachable or answered 5xx; 130 interrupted (Ctrl-C cancels the task on the server first).
+unreachable, answered 5xx, or still answered 429 (too many unfinished tasks) after the retries;
+130 interrupted (Ctrl-C cancels the task on the server first).
 """
 import argparse
 import json
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     connection.add_argument("--server", default=argparse.SUPPRESS, help="API base URL (env LIGHTX2V_SERVER)")
     connection.add_argument("--token", default=argparse.SUPPRESS, help="API token (env LIGHTX2V_TOKEN)")
     connection.add_argument(
-        "--retries", type=int, default=argparse.SUPPRESS, help="retries of a call without answer or with 502-504 (3)"
+        "--retries", type=int, default=argparse.SUPPRESS, help="retries of a call without answer or with 429 or 502-504 (3)"
     )
     parser = argparse.ArgumentParser(
         prog="python -m lightx2v_client",
@@ -161,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args, client)
     except ApiError as exc:
         say(f"error: {exc.message} (HTTP {exc.status_code})")
-        return EXIT_UNREACHABLE if exc.status_code >= 500 else EXIT_BAD_INPUT
+        return EXIT_UNREACHABLE if exc.status_code >= 500 or exc.status_code == 429 else EXIT_BAD_INPUT
     except ServerUnreachable as exc:
         say(f"error: cannot reach the server: {exc}")
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         say("interrupted")
         return EXIT_INTERRUPTED
-    except OSError as exc:  # e.g. --out in a folder that cannot be written
+    except (OSError, ValueError) as exc:  # --out in a folder that cannot be written, a malformed --server
         say(f"error: {exc}")
         return EXIT_BAD_INPUT

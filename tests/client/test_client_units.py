@@ -1,12 +1,14 @@
 """The client's parts without the Django server: error messages, ETA, progress bar, resumed downloads."""
 import http.server
 import io
+import os
 import threading
+import time
 
 import pytest
 
 from lightx2v_client import Client
-from lightx2v_client.api import error_message
+from lightx2v_client.api import ApiError, error_message
 from lightx2v_client.progress import EtaEstimator, ProgressBar, format_eta
 
 
@@ -100,6 +102,53 @@ def flaky_video_server():
     server.server_close()
 
 
+@pytest.fixture
+def busy_then_free_server():
+    """Answers a submit 429 (too many unfinished tasks, ``Retry-After: 0``) twice, then 201."""
+    keys = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            keys.append(self.headers["Idempotency-Key"])
+            busy = len(keys) <= 2
+            body = b'{"detail": "you have 1 unfinished tasks"}' if busy else b'{"task_id": "t", "status": "submitted"}'
+            self.send_response(429 if busy else 201)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", keys
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_submit_refused_for_too_many_unfinished_tasks_is_retried_with_the_same_key(busy_then_free_server):
+    url, keys = busy_then_free_server
+    with Client(url, "token", backoff_s=0) as client:
+        assert client.submit({"prompt": "p"})["task_id"] == "t"
+    assert len(keys) == 3 and len(set(keys)) == 1
+    with Client(url, "token", retries=0) as client:
+        keys.clear()
+        with pytest.raises(ApiError) as refused:
+            client.submit({"prompt": "p"})
+    assert refused.value.status_code == 429
+
+
+def test_a_malformed_server_url_fails_at_once_not_as_an_unreachable_server():
+    started = time.monotonic()
+    with Client("127.0.0.1:8000", "token", backoff_s=5) as client, pytest.raises(ValueError):
+        client.status("t")
+    assert time.monotonic() - started < 1  # no retries with backoff
+
+
 def test_a_download_cut_off_half_way_resumes_with_range_into_the_final_name(flaky_video_server, tmp_path):
     url, payload, seen_ranges = flaky_video_server
     out = tmp_path / "video.mp4"
@@ -109,6 +158,9 @@ def test_a_download_cut_off_half_way_resumes_with_range_into_the_final_name(flak
     resumed_at = int(seen_ranges[1].removeprefix("bytes=").rstrip("-"))  # what arrived whole before the cut
     assert seen_ranges[0] is None and 0 < resumed_at <= len(payload) // 2 and len(seen_ranges) == 2
     assert [path.name for path in tmp_path.iterdir()] == ["video.mp4"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
 
 
 def test_before_a_rate_is_measured_the_bar_shows_the_servers_eta():
