@@ -5,6 +5,7 @@ Defaults give a working single-machine demo (SQLite under ``var/``, tiny model b
 production sets ``DATABASE_URL`` (PostgreSQL), ``SECRET_KEY``, ``DEBUG=0`` and the model paths.
 """
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -37,9 +38,9 @@ def env_float(name: str, default: float) -> float:
 
 
 def env_paths(name: str, default: list[Path]) -> list[Path]:
-    """A list of folders separated by ``os.pathsep`` (``:`` on Linux)."""
+    """A list of folders separated by ``os.pathsep`` (``:`` on Linux); set but empty: none."""
     raw = os.environ.get(name)
-    if not raw:
+    if raw is None:
         return default
     return [Path(part).expanduser() for part in raw.split(os.pathsep) if part]
 
@@ -149,6 +150,8 @@ STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
 LIGHTX2V_MODEL_PATH = os.environ.get("LIGHTX2V_MODEL_PATH", "")  # Wan2.1 T2V Diffusers directory
 LIGHTX2V_I2V_MODEL_PATH = os.environ.get("LIGHTX2V_I2V_MODEL_PATH", "")  # Wan2.1 I2V directory
 LIGHTX2V_DEVICE = os.environ.get("LIGHTX2V_DEVICE", "auto")  # auto | cpu | cuda | cuda:N
+if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", LIGHTX2V_DEVICE):
+    raise ImproperlyConfigured(f"LIGHTX2V_DEVICE must be auto, cpu, cuda or cuda:N, not {LIGHTX2V_DEVICE!r}")
 # Speed options of the loaded pipeline (inference/options.py documents each value), validated here so a
 # typo stops start-up: LIGHTX2V_ATTENTION_BACKEND, _COMPILE, _CACHE, _CACHE_THRESHOLD, _VAE_TILING,
 # _VAE_DTYPE, _VAE_DECODE, _TEXT_CACHE_SIZE, _FP8.
@@ -174,21 +177,25 @@ if LIGHTX2V_STREAM_ENCODE not in ("auto", "on", "off"):
 LIGHTX2V_OUTPUT_ROOT = Path(os.environ.get("LIGHTX2V_OUTPUT_ROOT", VAR_DIR / "outputs"))
 # Input images (uploads and data: URLs), stored under server-chosen names.
 LIGHTX2V_UPLOAD_ROOT = Path(os.environ.get("LIGHTX2V_UPLOAD_ROOT", VAR_DIR / "uploads"))
-STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    # outputs + uploads (lightx2v_site/storages.py): LIGHTX2V_STORAGE=filesystem (the two roots below) or s3
-    # (LIGHTX2V_S3_BUCKET, optional LIGHTX2V_S3_ENDPOINT_URL for MinIO and the like).
-    **build_storages(
+# outputs + uploads (lightx2v_site/storages.py): LIGHTX2V_STORAGE=filesystem (the two roots above) or s3
+# (LIGHTX2V_S3_BUCKET, optional LIGHTX2V_S3_ENDPOINT_URL for MinIO and the like).
+try:
+    FILE_STORAGES = build_storages(
         os.environ.get("LIGHTX2V_STORAGE", "filesystem"),
         output_root=LIGHTX2V_OUTPUT_ROOT,
         upload_root=LIGHTX2V_UPLOAD_ROOT,
         bucket=os.environ.get("LIGHTX2V_S3_BUCKET", ""),
         endpoint_url=os.environ.get("LIGHTX2V_S3_ENDPOINT_URL", ""),
-    ),
+    )
+except ValueError as exc:
+    raise ImproperlyConfigured(str(exc)) from exc
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    **FILE_STORAGES,
     # Gzipped copies at collectstatic; not the manifest variant, which needs collectstatic even in tests.
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
-# Folders from which a request's ``image_path`` may name a file; empty = no server-side paths.
+# Folders from which a request's ``image_path`` may name a file; set but empty = no server-side paths.
 LIGHTX2V_INPUT_ROOTS = env_paths("LIGHTX2V_INPUT_ROOTS", [VAR_DIR / "inputs"])
 LIGHTX2V_MAX_DURATION = env_int("LIGHTX2V_MAX_DURATION", 10)  # seconds
 # LoRA files (<name>.safetensors) a request may name in lora_name; listed in /v1/service/metadata.

@@ -18,9 +18,11 @@ def build_storages(backend: str, *, output_root: Path, upload_root: Path, bucket
             "uploads": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": upload_root}},
         }
     if backend == "s3":
+        if not bucket:
+            raise ValueError("LIGHTX2V_STORAGE=s3 needs LIGHTX2V_S3_BUCKET")
         common = {"bucket_name": bucket, "endpoint_url": endpoint_url or None, "file_overwrite": True}
         return {
             area: {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {**common, "location": area}}
             for area in ("outputs", "uploads")
         }
-    raise ValueError(f"storage backend must be one of {', '.join(BACKENDS)}")
+    raise ValueError(f"LIGHTX2V_STORAGE must be one of {', '.join(BACKENDS)}, not {backend!r}")

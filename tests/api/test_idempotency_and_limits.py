@@ -186,3 +186,27 @@ def test_anonymous_opt_in_is_refused_when_debug_is_off():
         [sys.executable, "manage.py", "check"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode != 0 and "LIGHTX2V_ALLOW_ANONYMOUS" in result.stderr
+
+
+@pytest.mark.parametrize(("variables", "named"), [
+    ({"LIGHTX2V_STORAGE": "S3"}, "LIGHTX2V_STORAGE"),
+    ({"LIGHTX2V_STORAGE": "s3"}, "LIGHTX2V_S3_BUCKET"),  # no bucket
+    ({"LIGHTX2V_DEVICE": "gpu"}, "LIGHTX2V_DEVICE"),
+])
+def test_a_misconfigured_server_stops_at_check_naming_the_setting(variables, named):
+    """Not at the first request or task: ``manage.py check`` (and every start) fails with the setting's name."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "lightx2v_site.settings", "DEBUG": "1", **variables}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0 and "ImproperlyConfigured" in result.stderr and named in result.stderr
+
+
+def test_empty_input_roots_allow_no_server_side_paths():
+    code = "from django.conf import settings; print(settings.LIGHTX2V_INPUT_ROOTS)"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "lightx2v_site.settings", "DEBUG": "1", "LIGHTX2V_INPUT_ROOTS": ""}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
