@@ -78,8 +78,8 @@ class TaskPages(PageNumberPagination):
         page_number = request.query_params.get(self.page_query_param) or "1"
         if page_number in self.last_page_strings:  # "last"
             return paginator.num_pages
-        if not re.fullmatch(r"[0-9]+", page_number, re.ASCII) or int(page_number) < 1:
-            raise ValidationError({self.page_query_param: ["must be a whole number from 1"]})
+        if not re.fullmatch(r"[0-9]{1,9}", page_number, re.ASCII) or int(page_number) < 1:
+            raise ValidationError({self.page_query_param: ["must be a whole number from 1 to 999999999"]})
         return page_number
 
     def paginate_queryset(self, queryset, request, view=None):

@@ -198,6 +198,7 @@ CORPUS = [
     Bad("list page a fraction", "get", "/v1/tasks?page=1.5", 400, "page"),
     Bad("list page in full-width digits", "get", "/v1/tasks?page=%EF%BC%92", 400, "page"),
     Bad("list page past the last", "get", "/v1/tasks?page=2", 404, "page"),
+    Bad("list page of 5000 digits", "get", "/v1/tasks?page=" + "9" * 5000, 400, "page"),  # past int()'s limit
     Bad("status of a non-UUID id", "get", "/v1/tasks/not-a-uuid/status", 404, "detail"),
     Bad("status of an unknown id", "get", "/v1/tasks/00000000-0000-4000-8000-000000000000/status", 404, "detail"),
     Bad("result of a non-UUID id", "get", "/v1/tasks/1%27%20OR%201=1/result", 404, "detail"),
