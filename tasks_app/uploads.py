@@ -32,6 +32,11 @@ class SizeLimitedUploadHandler(FileUploadHandler):
     def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes:
         self.received_bytes += len(raw_data)
         if self.received_bytes > settings.LIGHTX2V_MAX_UPLOAD_BYTES:
+            # Django calls upload_interrupted() only for StopUpload: without this the temporary
+            # file the next handler wrote so far stays on disk until the request is garbage-collected.
+            for handler in self.request.upload_handlers:
+                if handler is not self:
+                    handler.upload_interrupted()
             raise _too_large()
         return raw_data
 

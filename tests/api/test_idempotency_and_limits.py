@@ -210,3 +210,16 @@ def test_empty_input_roots_allow_no_server_side_paths():
         timeout=120,
     )  # fmt: skip
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+def test_an_upload_cut_off_at_the_limit_leaves_no_temporary_file(api, settings, tmp_path):
+    settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path)
+    settings.LIGHTX2V_MAX_UPLOAD_BYTES = 3 * 1024 * 1024  # over FILE_UPLOAD_MAX_MEMORY_SIZE: a temp file
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    too_big = SimpleUploadedFile("big.png", png_bytes(64, 64) + b"\0" * settings.LIGHTX2V_MAX_UPLOAD_BYTES)
+
+    response = api.post("/v1/tasks/video/form", {"prompt": "p", "image_file": too_big})
+
+    assert response.status_code == 413 and "image_file" in response.json()["detail"]
+    assert list(tmp_path.iterdir()) == []
