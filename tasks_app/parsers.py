@@ -1,7 +1,7 @@
 """The parsers of the submit endpoints: DRF's, made to refuse what they would otherwise mangle.
 
-JSON: strings PostgreSQL cannot store and nesting deeper than Python's recursion limit are a 400,
-not a 500. Multipart: an ``image_file`` part that Django's parser drops is a 400 naming it, not a
+JSON: strings PostgreSQL cannot store, nesting deeper than Python's recursion limit and bodies of
+more than ``MAX_JSON_CONTAINERS`` objects and arrays (memory) are a 400, not a 500. Multipart: an ``image_file`` part that Django's parser drops is a 400 naming it, not a
 text-to-video task.
 
 A JSON string may spell an unpaired surrogate (``"\\ud800"``): Python accepts it, UTF-8 (and so
@@ -21,13 +21,21 @@ from rest_framework.parsers import JSONParser, MultiPartParser
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+# Objects and arrays one JSON body may open. A submit needs a handful; each empty "{}" costs Python
+# about 30 times its two bytes, so a body at the size limit could otherwise take a gigabyte.
+MAX_JSON_CONTAINERS = 10_000
+
+
 class UnicodeJSONParser(JSONParser):
     def parse(self, stream, media_type=None, parser_context=None):
+        body = parser_context["request"].body
+        if body.count(b"{") + body.count(b"[") > MAX_JSON_CONTAINERS:  # an over-count (brackets in strings) is fine
+            raise ParseError(f"JSON parse error - more than {MAX_JSON_CONTAINERS} objects and arrays")
         try:
             data = super().parse(stream, media_type, parser_context)
         except RecursionError as exc:
             raise ParseError("JSON parse error - nested too deeply") from exc
-        if _SURROGATE_ESCAPE.search(parser_context["request"].body):
+        if _SURROGATE_ESCAPE.search(body):
             try:
                 json.dumps(data, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError as exc:

@@ -161,6 +161,8 @@ CORPUS = [
     Bad("JSON nested past the recursion limit", "raw", '{"prompt": "p", "x": ' + "[" * 5000 + "]" * 5000 + "}", 400,
         "detail", content_type="application/json"),  # fmt: skip
     Bad("docs page asked for OPTIONS", "options", "/docs", 405, "detail"),
+    Bad("JSON of many empty objects", "raw", '{"prompt": "p", "junk": [' + "{}," * 20_000 + "{}]}", 400,
+        "detail", content_type="application/json"),  # fmt: skip
     Bad("JSON body over the cap", "raw", json.dumps({"prompt": "p", "pad": "x" * 300_000}), 413, "detail",
         content_type="application/json"),  # fmt: skip
     Bad("text/plain to JSON endpoint", "raw", "prompt=p", 415, "detail", content_type="text/plain"),
