@@ -271,6 +271,33 @@ def _apply_compile(transformer, choice: bool | None, device: torch.device, fp8: 
     return "on" if choice else "off"
 
 
+_recompile_limit_hit = False  # this process's compiled blocks used up dynamo's recompile limit
+
+
+def plain_run_stance() -> str:
+    """The ``torch.compiler`` stance of a run without LoRA: compile a graph where one is needed, or
+    (once the recompile limit was hit in this process) run eagerly where no compiled graph fits."""
+    return "eager_on_recompile" if _recompile_limit_hit else "default"
+
+
+def past_the_recompile_limit(run):
+    """``run()``; when compiled blocks hit dynamo's recompile limit (a hard error under ``fullgraph``),
+    every later plain run (:func:`plain_run_stance`) and this one, started again, go eager where no
+    graph fits instead of failing: each set of layers LoRAs wrapped, each pipeline and video size
+    needed a graph of its own, and all blocks share the limit."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    global _recompile_limit_hit
+    try:
+        return run()
+    except FailOnRecompileLimitHit:
+        if _recompile_limit_hit:
+            raise
+        _recompile_limit_hit = True
+        logger.warning("compiled transformer blocks hit the recompile limit: new shapes and LoRA layers run eagerly")
+        return run()
+
+
 def repeated_blocks(transformer) -> list[torch.nn.Module]:
     """The modules ``compile_repeated_blocks`` compiles: those of a class named in ``_repeated_blocks``."""
     names = set(getattr(transformer, "_repeated_blocks", None) or ())

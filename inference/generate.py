@@ -149,7 +149,8 @@ def generate_frames(
     The run holds ``pipe``'s lock (:func:`inference.pipelines.pipe_lock`) and applies the
     request's LoRA (read from ``lora_dir``; :class:`inference.lora.LoraError` when it is
     missing or bad) and scheduler/shift for its duration only: afterwards ``pipe`` has its
-    own scheduler back and no adapter active, whatever the request chose.
+    own scheduler back and no adapter active, whatever the request chose. Compiled blocks that hit
+    dynamo's recompile limit run eagerly where they need a new graph, from then on in this process.
 
     ``on_frames(chunk)`` receives, in order and in one or more uint8 chunks, exactly the frames
     returned: each chunk as the VAE decodes it (one latent frame: 1 frame, then 4), so that
@@ -159,10 +160,7 @@ def generate_frames(
     """
     from diffusers import WanImageToVideoPipeline
 
-    from .fastpath import step_cache_applied
-    from .lora import lora_applied
-    from .pipelines import pipe_lock
-    from .sampling import scheduler_applied
+    from .fastpath import past_the_recompile_limit
 
     pipe_is_i2v = isinstance(pipe, WanImageToVideoPipeline)
     if pipe_is_i2v != (request.kind == "i2v"):
@@ -174,6 +172,16 @@ def generate_frames(
         from .pipelines import patch_wan_i2v_without_ftfy
 
         patch_wan_i2v_without_ftfy()  # for pipes not built by load_pipeline
+
+    return past_the_recompile_limit(lambda: _generate_once(pipe, request, on_step, lora_dir, on_frames))
+
+
+def _generate_once(pipe, request: GenerationRequest, on_step, lora_dir, on_frames) -> np.ndarray:
+    """:func:`generate_frames` after its checks."""
+    from .fastpath import step_cache_applied
+    from .lora import lora_applied
+    from .pipelines import pipe_lock
+    from .sampling import scheduler_applied
 
     with pipe_lock(pipe), lora_applied(pipe, lora_dir, request.lora_name, request.lora_strength), \
             scheduler_applied(pipe, request.scheduler, request.sample_shift), \

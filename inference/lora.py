@@ -192,11 +192,13 @@ def lora_applied(
 
     from .pipelines import pipe_lock
 
+    from .fastpath import plain_run_stance
+
     with pipe_lock(pipe):
         apply_lora(pipe, lora_dir, name, strength)
         adapted = _slots_for(pipe).active is not None
         try:
-            with torch.compiler.set_stance("force_eager") if adapted else contextlib.nullcontext():
+            with torch.compiler.set_stance("force_eager" if adapted else plain_run_stance()):
                 yield
         finally:
             _deactivate(pipe, _slots_for(pipe))

@@ -1,5 +1,6 @@
 """LoRA per request: names inside the LoRA directory only, switching without reloads, base weights untouched."""
 
+import json
 import os
 
 import numpy as np
@@ -220,3 +221,59 @@ def test_a_compiled_pipeline_serves_any_number_of_loras_each_as_an_eager_run_giv
     assert counters["stats"]["unique_graphs"] == graphs_before  # nothing was compiled for the LoRA runs
     # A plain run after LoRAs were loaded compiles once more (PEFT wrapped the layers), then is served.
     np.testing.assert_array_equal(generate_frames(compiled, request), plain)
+
+
+# Run in a fresh interpreter: dynamo's cache of the blocks' code and its guards carry over between
+# the tests of one process, so whether a LoRA's layers need a new graph there depends on test order.
+_PAST_THE_LIMIT = """
+import dataclasses
+import sys
+import numpy as np
+import torch
+from inference import fastpath
+from inference.generate import GenerationRequest, generate_frames
+from inference.options import InferenceOptions
+from inference.pipelines import load_pipeline
+
+model, lora_dir, targets = sys.argv[1], sys.argv[2], sys.argv[3:]
+fastpath.COMPILE_BACKEND = "eager"  # what dynamo traces, in seconds
+compiled = load_pipeline(model, kind="t2v", device="cpu", options=InferenceOptions(compile=True))
+eager = load_pipeline(model, kind="t2v", device="cpu", options=InferenceOptions(compile=False))
+request = GenerationRequest(prompt="a cat", height=32, width=32, num_frames=5, infer_steps=1, seed=7)
+expected = generate_frames(eager, request)
+with torch._dynamo.config.patch(recompile_limit=2):
+    for target in targets:
+        generate_frames(compiled, dataclasses.replace(request, lora_name=target), lora_dir=lora_dir)
+        assert np.array_equal(generate_frames(compiled, request), expected), target
+print("stance", fastpath.plain_run_stance())
+"""
+
+
+def test_plain_runs_go_on_eagerly_once_loras_used_up_the_recompile_limit(tiny_models, tmp_path):
+    """Each set of layers LoRAs wrap makes plain runs compile a graph of their own, and all blocks share
+    dynamo's recompile limit: past it every plain run failed (fullgraph) until the worker restarted."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.conftest import REPO_ROOT
+
+    config = json.loads((tiny_models["t2v"] / "transformer" / "config.json").read_text())
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    targets = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q"]  # a new set of wrapped layers each
+    for index, target in enumerate(targets):
+        generator = torch.Generator().manual_seed(index)
+        save_file({
+            f"transformer.blocks.0.{target}.lora_A.weight": torch.randn(4, inner, generator=generator) / inner**0.5,
+            f"transformer.blocks.0.{target}.lora_B.weight": torch.randn(inner, 4, generator=generator),
+        }, tmp_path / f"{target}.safetensors")  # fmt: skip
+
+    result = subprocess.run(
+        [sys.executable, "-c", _PAST_THE_LIMIT, str(tiny_models["t2v"]), str(tmp_path), *targets],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "stance eager_on_recompile"  # the limit was reached
