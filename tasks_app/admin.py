@@ -1,6 +1,7 @@
 """Operator views: tasks with status badges and progress bars, filters, search, retry/cancel, the video
 player and input image on the task page, attempt history, webhook deliveries, tokens."""
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from django.urls import path, reverse
 from django.utils import timezone
@@ -80,10 +81,12 @@ class VideoTaskAdmin(admin.ModelAdmin):
         return [media, *super().get_urls()]
 
     def media_view(self, request, task_id, kind: str):
-        """Staff only (admin_view): a task's video (Range-capable), poster or input image."""
+        """Staff who may view tasks: a task's video (Range-capable), poster or input image."""
         task = VideoTask.objects.filter(pk=task_id).first()
         if task is None or kind not in ("video", "poster", "input"):
             raise Http404
+        if not self.has_view_permission(request, task):
+            raise PermissionDenied
         if kind == "input":
             store, found = storage.uploads(), storage.stored_input_image(task.input_image)
             content_type = "image/png"

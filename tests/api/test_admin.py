@@ -90,3 +90,22 @@ def test_retry_drops_the_undelivered_webhook_of_the_earlier_end(operator, api, s
     assert stale.gave_up_at is not None and stale.last_error == "superseded: the task was retried"
     pending = WebhookDelivery.objects.filter(task_id=task_id, gave_up_at__isnull=True)
     assert [delivery.event for delivery in pending] == ["task.cancelled"] and pending[0].pk != stale.pk
+
+
+def test_task_media_need_the_permission_to_view_tasks(api, client, django_user_model):
+    from django.contrib.auth.models import Permission
+    from django.core.files.base import ContentFile
+
+    from tasks_app import storage
+
+    task = _task(api, "a private video")
+    storage.outputs().save(f"videos/{task.pk}.mp4", ContentFile(b"\x00\x00\x00\x18ftypmp42"))
+    VideoTask.objects.filter(pk=task.pk).update(status="succeed", file_path=storage.video_public_path(task.pk))
+    staff = django_user_model.objects.create_user("helpdesk", password="pw-for-tests", is_staff=True)
+    client.force_login(staff)
+    url = f"/admin/tasks_app/videotask/{task.pk}/media/video/"
+
+    assert client.get(url).status_code == 403  # staff, but not allowed to see tasks
+
+    staff.user_permissions.add(Permission.objects.get(codename="view_videotask"))
+    assert client.get(url).status_code == 200
