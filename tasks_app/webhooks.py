@@ -80,10 +80,29 @@ def _allowed_addresses(hostname: str, port: int) -> list[str]:
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE:
         for address in addresses:
-            ip = ipaddress.ip_address(address.split("%")[0])
-            if not ip.is_global or ip.is_multicast:
+            if not _is_public(ipaddress.ip_address(address.split("%")[0])):
                 raise CallbackRefused("must not point to a loopback, private or reserved address")
     return addresses
+
+
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits: NAT64 (RFC 6052, 8215) and the
+# deprecated IPv4-compatible form. Python's is_global judges the IPv6 address, not the one it reaches.
+_IPV4_CARRYING = [ipaddress.ip_network(prefix) for prefix in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96")]
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global unicast address, and for an IPv6 one that embeds an IPv4 address (mapped, 6to4, NAT64,
+    IPv4-compatible) that IPv4 address too; site-local (fec0::/10) is not public."""
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if ip.version == 4:
+        return True
+    if ip.is_site_local:
+        return False
+    embedded = ip.ipv4_mapped or ip.sixtofour
+    if embedded is None and any(ip in network for network in _IPV4_CARRYING):
+        embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return embedded is None or _is_public(embedded)
 
 
 def _post(url: str, body: bytes, headers: dict[str, str]) -> int:

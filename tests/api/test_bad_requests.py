@@ -121,6 +121,13 @@ CORPUS = [
     Bad("callback to loopback", "json", {**OK, "callback_url": "http://127.0.0.1:9/hook"}, 400, "callback_url"),
     Bad("callback to localhost", "json", {**OK, "callback_url": "http://localhost/hook"}, 400, "callback_url"),
     Bad("callback to metadata IP", "json", {**OK, "callback_url": "http://169.254.169.254/"}, 400, "callback_url"),
+    Bad("callback to NAT64 of a private address", "json", {**OK, "callback_url": "http://[64:ff9b::a00:1]/"}, 400,
+        "callback_url"),  # fmt: skip
+    Bad("callback to 6to4 of a private address", "json", {**OK, "callback_url": "http://[2002:a00:1::1]/"}, 400,
+        "callback_url"),  # fmt: skip
+    Bad("callback to IPv4-compatible loopback", "json", {**OK, "callback_url": "http://[::127.0.0.1]/"}, 400,
+        "callback_url"),  # fmt: skip
+    Bad("callback to site-local IPv6", "json", {**OK, "callback_url": "http://[fec0::1]/"}, 400, "callback_url"),
     Bad("callback to private net", "json", {**OK, "callback_url": "https://10.0.0.8/hook"}, 400, "callback_url"),
     Bad("callback port out of range", "json", {**OK, "callback_url": "http://example.com:99999/x"}, 400, "callback_url"),
     Bad("callback not http", "json", {**OK, "callback_url": "ftp://example.com/x"}, 400, "callback_url"),
