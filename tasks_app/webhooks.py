@@ -14,16 +14,20 @@ before each send, which then connects to the addresses it checked: no DNS rebind
 """
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
 import socket
+import threading
 import time
 from datetime import timedelta
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import certifi
 import urllib3
+import urllib3.connection
+from urllib3.util.ssl_match_hostname import CertificateError
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Min
@@ -39,7 +43,7 @@ MAX_BACKOFF_S = 3600
 BATCH = 10
 USER_AGENT = "lightx2v-webhooks/1"
 CA_CERTS = certifi.where()
-CLAIM_HOLD_S = BATCH * SEND_TIMEOUT_S * 3  # a batch of sends, each up to a connect and a read timeout
+CLAIM_HOLD_S = BATCH * SEND_TIMEOUT_S * 3  # a batch of sends, each up to a connect and an exchange timeout
 
 
 class CallbackRefused(ValueError):
@@ -111,6 +115,7 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
     The host is resolved and checked once, and the connection goes to those very addresses (in order,
     within one connect timeout), so a DNS answer that changes after the check (rebinding to an
     internal address) is never used. HTTPS verifies the certificate against the URL's host name.
+    Connecting and the exchange take at most SEND_TIMEOUT_S each.
     """
     parts, host, port = _parse(url)
     addresses = _allowed_addresses(host, port)
@@ -120,29 +125,41 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         headers["Authorization"] = urllib3.util.make_headers(basic_auth=credentials)["authorization"]
     target = urlunsplit(("", "", parts.path or "/", parts.query, ""))
-    deadline = time.monotonic() + SEND_TIMEOUT_S
+    connect_by = time.monotonic() + SEND_TIMEOUT_S
     for index, address in enumerate(addresses):
+        timeout = max(connect_by - time.monotonic(), 0.1)
         if parts.scheme == "https":
-            pool = urllib3.HTTPSConnectionPool(
-                address, port, cert_reqs="CERT_REQUIRED", ca_certs=CA_CERTS,
+            connection = urllib3.connection.HTTPSConnection(
+                address, port, timeout=timeout, cert_reqs="CERT_REQUIRED", ca_certs=CA_CERTS,
                 server_hostname=host, assert_hostname=host,
             )  # fmt: skip
         else:
-            pool = urllib3.HTTPConnectionPool(address, port)
-        timeout = urllib3.Timeout(connect=max(deadline - time.monotonic(), 0.1), read=SEND_TIMEOUT_S)
+            connection = urllib3.connection.HTTPConnection(address, port, timeout=timeout)
         try:
-            response = pool.urlopen(
-                "POST", target, body=body, headers=headers, retries=False, redirect=False, timeout=timeout,
-                preload_content=False,  # the receiver's body is never read: a huge one costs nothing
-            )  # fmt: skip
-            response.release_conn()
-            return response.status
+            connection.connect()
         except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
-            if index == len(addresses) - 1 or time.monotonic() >= deadline:
+            connection.close()
+            if index == len(addresses) - 1 or time.monotonic() >= connect_by:
                 raise
-        finally:
-            pool.close()
+            continue
+        return _exchange(connection, target, body, headers)
     raise AssertionError("getaddrinfo returns at least one address")  # pragma: no cover
+
+
+def _exchange(connection, target: str, body: bytes, headers: dict[str, str]) -> int:
+    """Send the request on ``connection`` and return the answer's status, all within SEND_TIMEOUT_S:
+    a receiver trickling its answer a byte at a time would reset every read timeout, so the socket
+    is shut under it when the time is up. The answer's body is never read."""
+    connection.sock.settimeout(SEND_TIMEOUT_S)
+    cut_off = threading.Timer(SEND_TIMEOUT_S, connection.sock.shutdown, args=(socket.SHUT_RDWR,))
+    cut_off.start()
+    try:
+        connection.request("POST", target, body=body, headers=headers, preload_content=False)
+        return connection.getresponse().status
+    finally:
+        cut_off.cancel()
+        connection.close()
+
 
 
 def enqueue(task: VideoTask) -> None:
@@ -234,7 +251,7 @@ def _send(delivery: WebhookDelivery) -> bool:
         status_code = _post(delivery.url, body, headers)
         if not 200 <= status_code < 300:
             error = f"receiver answered {status_code}"
-    except (urllib3.exceptions.HTTPError, OSError, CallbackRefused) as exc:
+    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, CertificateError, CallbackRefused) as exc:
         error = f"{type(exc).__name__}: {exc}"
     claimed_until = delivery.next_attempt_at
     delivery.attempts += 1

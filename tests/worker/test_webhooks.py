@@ -1,6 +1,7 @@
 """Webhooks through real workers: one signed delivery per terminal state; a dead receiver is retried
 without holding up the queue."""
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -8,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -218,7 +220,7 @@ def test_https_callbacks_are_verified_against_the_url_host_name(api, settings, m
         wrong_name = _delivery(api, f"https://other.example.test:{port}/hook")
         assert webhooks._send(wrong_name) is False
         wrong_name.refresh_from_db()
-        assert "SSLError" in wrong_name.last_error and len(receiver.received) == 1
+        assert "doesn't match 'hooks.example.test'" in wrong_name.last_error and len(receiver.received) == 1
     finally:
         receiver.close()
 
@@ -232,3 +234,28 @@ def test_an_ipv6_callback_is_delivered(api, settings):
         assert receiver.received[0][0]["Host"] == f"[::1]:{port}"
     finally:
         receiver.close()
+
+
+def test_a_receiver_that_trickles_its_answer_cannot_hold_the_sender(api, settings, monkeypatch):
+    """A byte every half second resets every read timeout; the exchange as a whole is cut off."""
+    settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE = True
+    monkeypatch.setattr(webhooks, "SEND_TIMEOUT_S", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def trickle():  # for 10 s at most, so a sender without a deadline fails this test instead of hanging
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            with contextlib.suppress(OSError):
+                for _ in range(20):
+                    connection.sendall(b"H")
+                    time.sleep(0.5)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    delivery = _delivery(api, f"http://127.0.0.1:{listener.getsockname()[1]}/hook")
+    try:
+        started = time.monotonic()
+        assert webhooks._send(delivery) is False
+        assert time.monotonic() - started < 3
+    finally:
+        listener.close()
