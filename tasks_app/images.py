@@ -14,6 +14,8 @@ from pathlib import Path
 from django.conf import settings
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from inference.images import MAX_SIDE
+
 # MPO is what Pillow calls a camera JPEG that carries extra frames (depth, stereo): its first frame is used.
 ACCEPTED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP"}
 DATA_URL = re.compile(r"^data:image/(?P<subtype>[a-z0-9.+-]{1,40});base64,(?P<payload>.*)$", re.IGNORECASE | re.DOTALL)
@@ -25,7 +27,7 @@ class InvalidImage(ValueError):
 
 def decode_image(raw: bytes | io.BufferedIOBase) -> Image.Image:
     """Decode and fully load an image from bytes or a binary file, upright (EXIF orientation applied),
-    as RGB; raises ``InvalidImage``."""
+    as RGB, its short side at most ``MAX_SIDE``; raises ``InvalidImage``."""
     stream = io.BytesIO(raw) if isinstance(raw, bytes) else raw
     max_pixels = settings.LIGHTX2V_MAX_IMAGE_PIXELS
     try:
@@ -37,13 +39,25 @@ def decode_image(raw: bytes | io.BufferedIOBase) -> Image.Image:
                 if image.width * image.height > max_pixels:
                     raise InvalidImage(f"image has more than {max_pixels} pixels")
                 image.load()
-                return _upright(image).convert("RGB")
+                return _bounded(_upright(image).convert("RGB"))
     except InvalidImage:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage("not a decodable image") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidImage("not a decodable image (truncated or corrupt)") from exc
+
+
+def _bounded(image: Image.Image) -> Image.Image:
+    """``image`` scaled down (aspect kept) so its short side is at most ``MAX_SIDE``: every video size
+    (at most ``MAX_SIDE`` a side) still covers it without upscaling, and a 40-megapixel photo is not
+    stored (as PNG) and loaded for its run at full size."""
+    short_side = min(image.size)
+    if short_side <= MAX_SIDE:
+        return image
+    scale = MAX_SIDE / short_side
+    size = (max(MAX_SIDE, round(image.width * scale)), max(MAX_SIDE, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def _upright(image: Image.Image) -> Image.Image:

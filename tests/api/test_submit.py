@@ -118,6 +118,20 @@ def test_multipart_upload_makes_an_i2v_task_stored_under_a_server_name(api, sett
     assert (settings.LIGHTX2V_UPLOAD_ROOT / f"{task.task_id}.png").is_file()
 
 
+def test_a_large_photo_is_stored_with_its_short_side_at_the_largest_video_side(api, settings):
+    """Every video size still covers it without upscaling; the stored PNG is not the 36 MP original."""
+    big = Image.new("RGB", (6000, 4000), (10, 200, 30))
+    raw = io.BytesIO()
+    big.save(raw, format="JPEG", quality=80)
+    response = api.post(SUBMIT_FORM, {"prompt": "p", "image_file": _upload("big.jpg", raw.getvalue(), "image/jpeg"),
+                                      "resize_mode": "adaptive"})  # fmt: skip
+    assert response.status_code == 201, response.json()
+    task = VideoTask.objects.get(task_id=response.json()["task_id"])
+    stored = Image.open(settings.LIGHTX2V_UPLOAD_ROOT / task.input_image)
+    assert stored.size == (1920, 1280)
+    assert (task.height, task.width) == (512, 768)  # adaptive: 3:2 at 480x832's area, as for the original
+
+
 def test_camera_jpegs_are_accepted_upright(api, settings):
     """Phone photos: MPO (a JPEG with a depth frame, as Pillow names it) and EXIF orientation (applied)."""
     left_half_red = Image.new("RGB", (40, 24), (0, 0, 255))
