@@ -73,15 +73,40 @@ def tasks_of(*, owner, status: str | None = None) -> QuerySet[VideoTask]:
     return tasks.filter(status=status) if status else tasks
 
 
-def queue_position(*, task: VideoTask) -> int:
-    """1 for the next task a worker will claim; counts every user's tasks queued before this one.
+_TASKS = VideoTask._meta.db_table
+_OWNER = VideoTask._meta.get_field("owner").column
+# The claim order, fair between users. A submitted task's turn is its owner's running tasks plus its
+# rank among the owner's submitted ones (by queue time): the lowest turn runs first, then the earliest
+# queued. So one user's twenty queued tasks hold back another user's task by one of them at most, and
+# a user with tasks running waits behind users without. Params: TURNS_PARAMS. SQLite runs it too.
+TURNS_SQL = f"""running AS (
+    SELECT "{_OWNER}" AS owner, COUNT(*) AS n FROM "{_TASKS}" WHERE "status" = %s GROUP BY "{_OWNER}"
+), turns AS (
+    SELECT q."task_id", q."queued_at",
+        COALESCE(r.n, 0) + ROW_NUMBER() OVER (PARTITION BY q."{_OWNER}" ORDER BY q."queued_at", q."task_id") AS turn
+    FROM "{_TASKS}" q LEFT JOIN running r ON r.owner = q."{_OWNER}" WHERE q."status" = %s
+)"""
+TURNS_PARAMS = [Status.RUNNING, Status.SUBMITTED]
+TURN_ORDER = 'turns.turn, turns."queued_at", turns."task_id"'
+_AHEAD = f"""WITH {TURNS_SQL}
+SELECT COUNT(*) FROM turns, turns me WHERE me."task_id" = %s AND (turns.turn < me.turn OR (turns.turn = me.turn
+    AND (turns."queued_at" < me."queued_at" OR (turns."queued_at" = me."queued_at" AND turns."task_id" < me."task_id"))))
+"""
+_CLAIM_ORDER = f'WITH {TURNS_SQL} SELECT turns."task_id" FROM turns ORDER BY {TURN_ORDER}'
 
-    A plain count (``rows``) on the claim's partial index: every poll of a queued task asks it.
-    """
-    queued_at = VideoTask._meta.get_field("queued_at").get_db_prep_value(task.queued_at, connection)
-    sql = f'SELECT COUNT(*) FROM "{VideoTask._meta.db_table}" WHERE status = %s AND queued_at < %s'
-    ((ahead,),) = rows.plain_rows(sql, [Status.SUBMITTED, queued_at])
+
+def queue_position(*, task: VideoTask) -> int:
+    """1 for the next task a worker will claim: the submitted tasks of every user ahead of this one in
+    the claim order (``TURNS_SQL``), plus one."""
+    task_key = VideoTask._meta.pk.get_db_prep_value(task.pk, connection)
+    ((ahead,),) = rows.plain_rows(_AHEAD, [*TURNS_PARAMS, task_key])
     return ahead + 1
+
+
+def claim_order() -> list[uuid.UUID]:
+    """The submitted tasks' ids in the order workers claim them (the ORM form of the claim reads it)."""
+    to_python = VideoTask._meta.pk.to_python
+    return [to_python(task_id) for (task_id,) in rows.plain_rows(_CLAIM_ORDER, TURNS_PARAMS)]
 
 
 def running_runs(runs: set[tuple[uuid.UUID, int]]) -> set[tuple[uuid.UUID, int]]:

@@ -23,7 +23,7 @@ from django_q.models import OrmQ
 from django_q.tasks import async_task
 from PIL import Image
 
-from . import commits, statements, storage, wakeups, webhooks
+from . import commits, selectors, statements, storage, wakeups, webhooks
 from .errors import (
     IdempotencyKeyReused,
     QueueFull,
@@ -136,27 +136,23 @@ def _check_limits(*, owner) -> None:
 
 
 def task_claim_next(*, worker_name: str) -> VideoTask | None:
-    """Atomically move the oldest submitted task to ``running`` for ``worker_name``; None if none.
+    """Atomically move the next submitted task to ``running`` for ``worker_name``; None if none.
 
-    Oldest means earliest ``queued_at`` (FIFO across all workers; a recovered task keeps its
-    place). ``SKIP LOCKED`` lets concurrent workers pass over each other's candidate rows on
-    PostgreSQL; the conditional update makes the claim safe on databases without row locks too.
+    Next in the claim order, fair between users (``selectors.TURNS_SQL``); within one user's tasks
+    the earliest ``queued_at`` (a recovered task keeps its place). ``SKIP LOCKED`` lets concurrent
+    workers pass over each other's candidate rows on PostgreSQL; the conditional update makes the
+    claim safe on databases without row locks too.
     The returned task's ``worker_name`` and ``attempt_count`` identify this run: every later
     write of the run is conditional on them, so a worker that lost its lease changes nothing.
     On PostgreSQL it is one statement (``statements.claim_next``), the same changes as below.
     """
     if statements.supported():
         return statements.claim_next(worker_name=worker_name, message=CLAIMED_MESSAGE)
-    while True:
+    for task_id in selectors.claim_order():
         with transaction.atomic():
-            task = (
-                VideoTask.objects.select_for_update(skip_locked=True)
-                .filter(status=Status.SUBMITTED)
-                .order_by("queued_at")
-                .first()
-            )
-            if task is None:
-                return None
+            task = VideoTask.objects.select_for_update(skip_locked=True).filter(pk=task_id).first()
+            if task is None or task.status != Status.SUBMITTED:
+                continue  # claimed (or cancelled) meanwhile
             now = timezone.now()
             claim = dict(
                 status=Status.RUNNING,
@@ -174,6 +170,7 @@ def task_claim_next(*, worker_name: str) -> VideoTask | None:
                     task=task, number=task.attempt_count, worker_name=worker_name, started_at=now
                 )
                 return task
+    return None
 
 
 def _this_run(task: VideoTask):

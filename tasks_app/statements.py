@@ -17,7 +17,7 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.utils import timezone
 
-from . import rows
+from . import rows, selectors
 from .models import TaskAttempt, VideoTask
 
 _TASKS = VideoTask._meta.db_table
@@ -50,12 +50,12 @@ def unfinished_counts(*, owner_id) -> tuple[int, int]:
     return tuple(rows.plain_rows(_UNFINISHED_COUNTS, params)[0])
 
 
-# The oldest submitted row that no other claim holds, marked running at the database's time; its
-# attempt opened; the row returned.
+# The first submitted row in the claim order (selectors.TURNS_SQL: fair between users) that no other
+# claim holds, marked running at the database's time; its attempt opened; the row returned.
 _CLAIM = f"""
-WITH picked AS (
-    SELECT "task_id" FROM "{_TASKS}" WHERE "status" = %(submitted)s
-    ORDER BY "queued_at" LIMIT 1 FOR UPDATE SKIP LOCKED
+WITH {selectors.TURNS_SQL.replace("%s", "%(running)s", 1).replace("%s", "%(submitted)s", 1)}, picked AS (
+    SELECT t."task_id" FROM "{_TASKS}" t JOIN turns ON turns."task_id" = t."task_id" WHERE t."status" = %(submitted)s
+    ORDER BY {selectors.TURN_ORDER} LIMIT 1 FOR UPDATE OF t SKIP LOCKED
 ), claimed AS (
     UPDATE "{_TASKS}" SET "status" = %(running)s, "started_at" = statement_timestamp(),
         "heartbeat_at" = statement_timestamp(),

@@ -155,6 +155,21 @@ def test_leases_hold_whatever_the_hosts_clocks_say(api, form, monkeypatch):
     assert [task.pk for task in services.task_reap_stale(lease_s=-1, max_attempts=3)] == [run.pk]  # still reaps
 
 
+def test_users_take_turns_and_queue_positions_follow_the_claims(api, make_api, form):
+    """Alice queued three before Bob's one: Bob's runs second, not fourth; a user with a task running
+    waits behind one without. Every queued task's position is the claim it gets."""
+    alice = [_submit(api, f"alice {index}") for index in range(3)]
+    bob = _submit(make_api("bob"), "bob's one")
+    alice.append(_submit(api, "alice, later"))
+    positions = {task.pk: selectors.queue_position(task=task) for task in [*alice, bob]}
+
+    claimed = [services.task_claim_next(worker_name=f"host:{index}").pk for index in range(5)]
+
+    assert claimed == [alice[0].pk, bob.pk, alice[1].pk, alice[2].pk, alice[3].pk]
+    assert sorted(positions, key=positions.get) == claimed and sorted(positions.values()) == [1, 2, 3, 4, 5]
+    assert services.task_claim_next(worker_name="host:idle") is None
+
+
 def test_a_claim_skips_a_row_another_transaction_holds(api, form, transactional_db):
     held, free = _submit(api, "held"), _submit(api, "free")
     settings = connection.settings_dict
@@ -241,7 +256,7 @@ def test_statements_are_prepared_only_when_the_setting_allows(api, monkeypatch, 
     with connection.cursor() as cursor:
         cursor.execute("SELECT statement FROM pg_prepared_statements")
         prepared = [row[0] for row in cursor.fetchall()]
-    assert any("FOR UPDATE SKIP LOCKED" in statement for statement in prepared) is prepare
+    assert any("SKIP LOCKED" in statement for statement in prepared) is prepare
     assert any("WITH finished AS" in statement for statement in prepared) is prepare
 
 
