@@ -89,9 +89,9 @@ TURNS_SQL = f"""running AS (
 TURNS_PARAMS = [Status.RUNNING, Status.SUBMITTED]
 TURN_ORDER = 'turns.turn, turns."queued_at", turns."task_id"'
 _AHEAD = f"""WITH {TURNS_SQL}
-SELECT COUNT(*) FROM turns, turns me WHERE me."task_id" = %s AND (turns.turn < me.turn OR (turns.turn = me.turn
-    AND (turns."queued_at" < me."queued_at" OR (turns."queued_at" = me."queued_at" AND turns."task_id" < me."task_id"))))
-"""
+SELECT COUNT(*) FROM turns WHERE (turns.turn, turns."queued_at", turns."task_id")
+    < (SELECT turn, "queued_at", "task_id" FROM turns WHERE "task_id" = %s)
+"""  # the subquery runs once (it does not refer to the outer row)
 _CLAIM_ORDER = f'WITH {TURNS_SQL} SELECT turns."task_id" FROM turns ORDER BY {TURN_ORDER}'
 
 
