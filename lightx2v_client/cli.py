@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     connection.add_argument("--server", default=argparse.SUPPRESS, help="API base URL (env LIGHTX2V_SERVER)")
     connection.add_argument("--token", default=argparse.SUPPRESS, help="API token (env LIGHTX2V_TOKEN)")
     connection.add_argument(
-        "--retries", type=int, default=argparse.SUPPRESS, help="retries of a call without answer or with 429 or 502-504 (3)"
+        "--retries", type=int, default=argparse.SUPPRESS,
+        help="retries of a call without answer or with 429 or 502-504 (3)",
     )
     parser = argparse.ArgumentParser(
         prog="python -m lightx2v_client",

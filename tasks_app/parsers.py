@@ -1,8 +1,8 @@
 """The parsers of the submit endpoints: DRF's, made to refuse what they would otherwise mangle.
 
 JSON: strings PostgreSQL cannot store, nesting deeper than Python's recursion limit and bodies of
-more than ``MAX_JSON_CONTAINERS`` objects and arrays (memory) are a 400, not a 500. Multipart: an ``image_file`` part that Django's parser drops is a 400 naming it, not a
-text-to-video task.
+more than ``MAX_JSON_CONTAINERS`` objects and arrays (memory) are a 400, not a 500. Multipart: an
+``image_file`` part that Django's parser drops is a 400 naming it, not a text-to-video task.
 
 A JSON string may spell an unpaired surrogate (``"\\ud800"``): Python accepts it, UTF-8 (and so
 the database) cannot hold it, so the body is a 400 here rather than a failed insert. (Bodies over

@@ -56,11 +56,11 @@ _CLAIM = f"""
 WITH {selectors.TURNS_SQL.replace("%s", "%(running)s", 1).replace("%s", "%(submitted)s", 1)}, picked AS (
     -- In claim order, each row locked only when reached: a join the planner might reorder would lock
     -- (or, with stale statistics, scan) every queued row for each claim (240 ms at 1000 queued).
-    SELECT row."task_id" FROM (SELECT "task_id" FROM turns ORDER BY {selectors.TURN_ORDER}) AS next_up
+    SELECT free."task_id" FROM (SELECT "task_id" FROM turns ORDER BY {selectors.TURN_ORDER}) AS next_up
     CROSS JOIN LATERAL (
         SELECT t."task_id" FROM "{_TASKS}" t WHERE t."task_id" = next_up."task_id" AND t."status" = %(submitted)s
         FOR UPDATE SKIP LOCKED
-    ) AS row
+    ) AS free
     LIMIT 1
 ), claimed AS (
     UPDATE "{_TASKS}" SET "status" = %(running)s, "started_at" = statement_timestamp(),
@@ -78,7 +78,7 @@ SELECT * FROM claimed
 
 
 def claim_next(*, worker_name: str, message: str) -> VideoTask | None:
-    """Claim the oldest submitted task for ``worker_name`` (see ``services.task_claim_next``); None if none.
+    """Claim the next submitted task for ``worker_name`` (see ``services.task_claim_next``); None if none.
 
     Its start and first heartbeat are the database's time, like every later heartbeat: leases never
     compare two hosts' clocks."""
