@@ -194,7 +194,8 @@ def fall_back_to_float32_on_overflow(vae) -> None:
     the check (the last chunk's when the pass ends), on the CPU at once: either way before a
     streaming decode hands the chunk on (:func:`inference.generate.generate_frames` hands CUDA
     chunks on one chunk late). A chunk that is not finite ends the pass; the VAE turns float32
-    for good (logged as a warning) and the encode or decode runs again from the start. A decode
+    for good (logged as a warning) and the encode or decode runs again from the start (in float32,
+    but from the weights as float16 rounded them: the checkpoint is not read again). A decode
     pass starts with ``first_chunk=True`` in the decoder's call, which is how a streaming
     consumer can tell a rerun."""
     pending: list = []  # at most one CUDA chunk's (finite flag in pinned host memory, its copy's event)
