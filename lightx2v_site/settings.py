@@ -198,6 +198,8 @@ STORAGES = {
 # Folders from which a request's ``image_path`` may name a file; set but empty = no server-side paths.
 LIGHTX2V_INPUT_ROOTS = env_paths("LIGHTX2V_INPUT_ROOTS", [VAR_DIR / "inputs"])
 LIGHTX2V_MAX_DURATION = env_int("LIGHTX2V_MAX_DURATION", 10)  # seconds
+# Days after which a finished task's video, poster and input image are removed (the row stays); 0 = never.
+LIGHTX2V_RETENTION_DAYS = env_float("LIGHTX2V_RETENTION_DAYS", 0)
 # LoRA files (<name>.safetensors) a request may name in lora_name; listed in /v1/service/metadata.
 LIGHTX2V_LORA_DIR = Path(os.environ.get("LIGHTX2V_LORA_DIR", VAR_DIR / "loras"))
 # The sampler: "" keeps the model's own scheduler, else one of inference.sampling.SCHEDULERS.

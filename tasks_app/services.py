@@ -383,6 +383,8 @@ def task_retry(*, task: VideoTask) -> VideoTask:
     """Queue a failed or cancelled task again, at the back of the queue; its attempt count is kept and
     its progress starts over (the one way it goes back: a run handed back or reaped keeps it). Webhooks
     of its earlier end that are not delivered yet are dropped."""
+    if task.task_type == VideoTask.TaskType.I2V and not task.input_image:
+        raise TaskNotRetryable("its input image was removed after the retention period", task=task)
     with transaction.atomic():
         retried = VideoTask.objects.filter(pk=task.pk, status__in=[Status.FAILED, Status.CANCELLED]).update(
             status=Status.SUBMITTED,

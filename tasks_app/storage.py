@@ -201,6 +201,11 @@ def save_input_image(image: Image.Image, task_id: uuid.UUID) -> str:
     return uploads().save(f"{task_id}.png", ContentFile(buffer.getvalue()))
 
 
+def delete_input_image(name: str) -> None:
+    """Remove a stored input image (by the name ``save_input_image`` returned); gone already is fine."""
+    uploads().delete(PurePosixPath(name).name)
+
+
 def open_input_image(name: str) -> Image.Image:
     """Load a stored input image by the name ``save_input_image`` returned."""
     with uploads().open(PurePosixPath(name).name, "rb") as handle, Image.open(handle) as image:

@@ -8,7 +8,7 @@ the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``
   a lease past its time limit is stuck outside the step loop, and the process exits instead;
 * reaps tasks of other workers whose lease ran out (``services.task_reap_stale``);
 * every ``STRAY_RUN_FILES_SWEEP_S``, removes files of runs that can no longer publish them
-  (``sweep_stray_run_files``);
+  (``sweep_stray_run_files``) and those of tasks past ``LIGHTX2V_RETENTION_DAYS`` (``retention``);
 * while idle and warm, queues a wake-up for a task left waiting without a queue message
   (``services.task_wake_stranded``), and hands the heap freed by the last runs back to the OS.
 
@@ -35,7 +35,7 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from django_q.conf import Conf
 
-from . import commits, selectors, services, storage, wakeups, webhooks
+from . import commits, retention, selectors, services, storage, wakeups, webhooks
 from .models import VideoTask
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ _heap_to_release = False  # a run ended since the heap was last trimmed
 _shutdown_deadline: float | None = None  # time.monotonic() after which the run is handed back
 _webhooks_announced = threading.Event()  # set by the listener thread: a delivery was queued
 _next_sweep_at = 0.0  # time.monotonic() of the next sweep_stray_run_files (the first beat sweeps)
+_expiry_backlog = False  # the last retention pass had a full batch: more tasks' files are due
 
 
 def begin(task: VideoTask) -> Run:
@@ -194,10 +195,14 @@ def _beat() -> None:
     if run is not None and not run.lease_lost.is_set() and not services.task_heartbeat(task=run.task):
         run.lease_lost.set()
     services.task_reap_stale(lease_s=settings.LIGHTX2V_LEASE_S, max_attempts=settings.LIGHTX2V_MAX_ATTEMPTS)
-    global _next_sweep_at
-    if time.monotonic() >= _next_sweep_at:
+    global _next_sweep_at, _expiry_backlog
+    sweep_due = time.monotonic() >= _next_sweep_at
+    if sweep_due:
         _next_sweep_at = time.monotonic() + STRAY_RUN_FILES_SWEEP_S
         sweep_stray_run_files()
+    if sweep_due or _expiry_backlog:  # a batch a beat while there are more, so the beat stays short
+        days = settings.LIGHTX2V_RETENTION_DAYS
+        _expiry_backlog = retention.expire_finished_files(days=days) == retention.BATCH
     if run is None and _ready.is_set() and not shutting_down():  # idle: a task still waiting lost its message
         services.task_wake_stranded(waiting_s=settings.LIGHTX2V_HEARTBEAT_S)
 

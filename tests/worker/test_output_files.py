@@ -150,3 +150,47 @@ def test_files_of_a_run_whose_worker_died_before_a_cancel_are_swept(api, filesys
 
     alive_files = [f".{alive.pk}.attempt-1.mp4", f".{alive.pk}.attempt-1.jpg", f"..{alive.pk}.attempt-1.mp4.x1y2.part"]
     assert sorted(os.listdir(filesystem_outputs / "videos")) == sorted(["someone-else.mp4", *alive_files])
+
+
+def test_files_of_tasks_finished_past_the_retention_period_are_removed(api, filesystem_outputs, settings, tmp_path):
+    """Video, poster and input image go; the row stays, its result is 410 and an I2V retry is refused."""
+    from datetime import timedelta
+
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.utils import timezone
+
+    from tasks_app import retention, worker_process
+    from tasks_app.errors import TaskNotRetryable
+    from tests.conftest import png_bytes
+
+    settings.LIGHTX2V_UPLOAD_ROOT = tmp_path / "uploads"
+    settings.STORAGES = {**settings.STORAGES, "uploads": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(tmp_path / "uploads")}}}
+    upload = SimpleUploadedFile("in.png", png_bytes(32, 32), content_type="image/png")
+    old, recent = (api.post("/v1/tasks/video/form", {"prompt": prompt, "image_file": upload if n == 0 else ""}).json()
+                   ["task_id"] for n, prompt in enumerate(("old", "recent")))  # fmt: skip
+    for task_id, days_ago in ((old, 31), (recent, 29)):
+        with storage.output_files(uuid.UUID(task_id), attempt=1) as output:
+            _write(output, b"done")
+            output.publish()
+        VideoTask.objects.filter(pk=task_id).update(
+            status="succeed", file_path=output.video_path, poster_path=output.poster_path,
+            finished_at=timezone.now() - timedelta(days=days_ago),
+        )  # fmt: skip
+    settings.LIGHTX2V_RETENTION_DAYS = 0
+    worker_process._beat()
+    assert len(os.listdir(filesystem_outputs / "videos")) == 4  # 0 days: kept forever
+
+    settings.LIGHTX2V_RETENTION_DAYS = 30
+    worker_process._next_sweep_at = 0.0
+    worker_process._beat()
+
+    assert sorted(os.listdir(filesystem_outputs / "videos")) == [f"{recent}.jpg", f"{recent}.mp4"]
+    assert os.listdir(tmp_path / "uploads") == []
+    expired = api.get(f"/v1/tasks/{old}/status").json()
+    assert (expired["status"], expired["message"], expired["file_path"]) == ("succeed", retention.EXPIRED_MESSAGE, "")
+    assert api.get(f"/v1/tasks/{old}/result").status_code == 410
+    assert api.get(f"/v1/tasks/{recent}/result").status_code == 200
+    VideoTask.objects.filter(pk=old).update(status="failed")
+    with pytest.raises(TaskNotRetryable, match="input image was removed"):  # it would run as T2V
+        services.task_retry(task=VideoTask.objects.get(pk=old))
