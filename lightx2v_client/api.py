@@ -60,9 +60,13 @@ def error_message(body, fallback: str = "") -> str:
 class Client:
     """One server and token; every method raises ``ApiError`` or ``ServerUnreachable`` on failure."""
 
-    def __init__(self, server: str, token: str = "", *, timeout: float = 30, retries: int = 3, backoff_s: float = 1.0):
+    def __init__(
+        self, server: str, token: str = "", *, timeout: float = 30, retries: int = 3, backoff_s: float = 1.0,
+        on_retry=None,
+    ):
+        """``on_retry(reason, wait_s)``, if given, hears of each retry before its wait."""
         self.server = server.rstrip("/")
-        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self.timeout, self.retries, self.backoff_s, self.on_retry = timeout, retries, backoff_s, on_retry
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -92,16 +96,22 @@ class Client:
             except requests.RequestException as exc:
                 if last:
                     raise ServerUnreachable(f"{self.server}: {exc}") from exc
-                time.sleep(self.backoff_s * 2**attempt)
+                self._wait_before_retry("no answer", self.backoff_s * 2**attempt)
                 continue
             if response.status_code in RETRYABLE_STATUS and not last:
+                why = f"HTTP {response.status_code}: {_api_error(response).message}"
                 response.close()
-                time.sleep(_retry_after(response, self.backoff_s * 2**attempt))
+                self._wait_before_retry(why, _retry_after(response, self.backoff_s * 2**attempt))
                 continue
             if response.status_code >= 400:
                 raise _api_error(response)
             return response
         raise AssertionError("unreachable")
+
+    def _wait_before_retry(self, reason: str, wait_s: float) -> None:
+        if self.on_retry is not None:
+            self.on_retry(reason, wait_s)
+        time.sleep(wait_s)
 
     def submit(self, params: dict, *, image: str | os.PathLike | None = None, idempotency_key: str = "") -> dict:
         """Create a task (JSON, or multipart with ``image_file``); retries reuse one ``Idempotency-Key``."""

@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         say("error: no API token: pass --token or set LIGHTX2V_TOKEN")
         return EXIT_BAD_INPUT
-    client = Client(server, token, retries=max(getattr(args, "retries", 3), 0))
+    client = Client(server, token, retries=max(getattr(args, "retries", 3), 0),
+                    on_retry=lambda why, wait_s: say(f"{why}; trying again in {wait_s:g} s"))
     try:
         return COMMANDS[args.command](args, client)
     except ApiError as exc:

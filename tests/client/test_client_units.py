@@ -132,9 +132,11 @@ def busy_then_free_server():
 
 def test_a_submit_refused_for_too_many_unfinished_tasks_is_retried_with_the_same_key(busy_then_free_server):
     url, keys = busy_then_free_server
-    with Client(url, "token", backoff_s=0) as client:
+    heard = []
+    with Client(url, "token", backoff_s=0, on_retry=lambda why, wait_s: heard.append((why, wait_s))) as client:
         assert client.submit({"prompt": "p"})["task_id"] == "t"
     assert len(keys) == 3 and len(set(keys)) == 1
+    assert heard == [("HTTP 429: you have 1 unfinished tasks", 0.0)] * 2  # the CLI prints these
     with Client(url, "token", retries=0) as client:
         keys.clear()
         with pytest.raises(ApiError) as refused:
