@@ -146,6 +146,12 @@ def task_claim_next(*, worker_name: str) -> VideoTask | None:
     write of the run is conditional on them, so a worker that lost its lease changes nothing.
     On PostgreSQL it is one statement (``statements.claim_next``), the same changes as below.
     """
+    # A process claims only while it runs nothing: a row running under its name is a claim whose
+    # commit went through while the answer was lost (the claim was retried), or one of a dead process
+    # whose pid this one got. It is this process's to run, rather than a second task's.
+    unfinished = VideoTask.objects.filter(status=Status.RUNNING, worker_name=worker_name).first()
+    if unfinished is not None:
+        return unfinished
     if statements.supported():
         return statements.claim_next(worker_name=worker_name, message=CLAIMED_MESSAGE)
     for task_id in selectors.claim_order():

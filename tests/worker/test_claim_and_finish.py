@@ -170,6 +170,19 @@ def test_users_take_turns_and_queue_positions_follow_the_claims(api, make_api, f
     assert services.task_claim_next(worker_name="host:idle") is None
 
 
+def test_a_claim_retried_after_its_answer_was_lost_gets_the_same_task(api, form):
+    """The claim committed but the connection dropped before the worker heard: its retry must not take
+    a second task and strand the first until the reaper (which would count a lost run)."""
+    first, second = _submit(api, "first"), _submit(api, "second")
+    claimed = services.task_claim_next(worker_name="host:1")
+
+    again = services.task_claim_next(worker_name="host:1")
+
+    assert (again.pk, again.attempt_count) == (claimed.pk, 1) == (first.pk, 1)
+    assert VideoTask.objects.get(pk=second.pk).status == "submitted"
+    assert services.task_finish(task=again, file_path="a.mp4", poster_path="a.jpg", video_info={}, run_stats={})
+
+
 def test_a_claim_skips_a_row_another_transaction_holds(api, form, transactional_db):
     held, free = _submit(api, "held"), _submit(api, "free")
     settings = connection.settings_dict
@@ -197,8 +210,8 @@ def test_a_claim_skips_a_row_another_transaction_holds(api, form, transactional_
 def test_succeed_fail_and_hand_back_end_the_run_and_its_attempt(api, form):
     tasks = [_submit(api, name) for name in ("ok", "bad", "back")]
     runs = {}
-    for _ in tasks:
-        run = services.task_claim_next(worker_name="host:1")
+    for number, _ in enumerate(tasks):  # three worker processes: one claims again only once its run ended
+        run = services.task_claim_next(worker_name=f"host:{number}")
         runs[run.prompt] = run
     video_info = {"frames": 17, "fps": 16.0, "width": 64, "height": 64}
 
