@@ -18,9 +18,6 @@ from django.db import transaction
 from django.db.models import Count, F, Q, Value
 from django.db.models.functions import Greatest, Now
 from django.utils import timezone
-from django_q.brokers import get_broker
-from django_q.models import OrmQ
-from django_q.tasks import async_task
 from PIL import Image
 
 from . import commits, selectors, statements, storage, wakeups, webhooks
@@ -37,17 +34,11 @@ logger = logging.getLogger(__name__)
 
 Status = VideoTask.Status
 MAX_SEED = 2**32 - 1
-WORKER_ENTRY = "tasks_app.worker.run_next_task"
 CLAIMED_MESSAGE = "loading model"
 
 
 class TaskNoLongerRunning(Exception):
     """Raised to a worker whose task left ``running`` under it (cancelled by a user)."""
-
-
-def _wake_workers() -> None:
-    """Queue a "there is work" message; the row, not the message, says which task runs."""
-    async_task(WORKER_ENTRY, task_name="video-task")
 
 
 @dataclass(frozen=True)
@@ -98,7 +89,7 @@ def task_submit(
             IdempotencyKey.objects.create(
                 owner=owner, key=idempotency_key, request_fingerprint=request_fingerprint, task=task
             )
-        _wake_workers()
+        wakeups.wake_workers()
     return Submission(task=task, created=True)
 
 
@@ -295,7 +286,7 @@ def task_hand_back(*, task: VideoTask, reason: str) -> bool:
     with transaction.atomic():
         handed_back = _end_run(task, changes, TaskAttempt.Outcome.HANDED_BACK, reason)
         if handed_back:
-            _wake_workers()
+            wakeups.wake_workers()
     return handed_back
 
 
@@ -334,7 +325,7 @@ def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
             else:
                 task.status, task.heartbeat_at = Status.SUBMITTED, None
                 task.message = f"queued again: {lost}"
-                _wake_workers()
+                wakeups.wake_workers()
             task.save(update_fields=["status", "message", "error", "heartbeat_at", "finished_at", "lost_runs"])
             if task.status == Status.FAILED:
                 webhooks.enqueue(task)
@@ -343,25 +334,6 @@ def task_reap_stale(*, lease_s: float, max_attempts: int) -> list[VideoTask]:
     for task in reaped:  # the lost run can no longer publish what it wrote
         storage.discard_run_files(task.pk, task.attempt_count)
     return reaped
-
-
-def task_wake_stranded(*, waiting_s: float) -> bool:
-    """Queue a wake-up when a submitted task has waited over ``waiting_s`` and the broker holds no
-    message a worker could take now; True if it did. Called by idle workers.
-
-    A task strands when a claim failed (a database error) after its message was taken, or when a
-    cluster stopped holding a taken message (locked for Q_CLUSTER's retry, over an hour). A taken
-    message does not count: an idle worker should not wait for it, and the one extra wake-up of a
-    message that was on its way after all only runs a claim that finds nothing.
-    """
-    if OrmQ.objects.filter(key=get_broker().list_key, lock__lte=timezone.now()).exists():
-        return False
-    cutoff = timezone.now() - timedelta(seconds=waiting_s)
-    if not VideoTask.objects.filter(status=Status.SUBMITTED, queued_at__lt=cutoff).exists():
-        return False
-    logger.warning("a task has waited over %g s with no queued message; waking the workers", waiting_s)
-    _wake_workers()
-    return True
 
 
 def task_cancel(*, task: VideoTask) -> VideoTask:
@@ -409,7 +381,7 @@ def task_retry(*, task: VideoTask) -> VideoTask:
         )
         if retried:
             webhooks.supersede(task)
-            _wake_workers()
+            wakeups.wake_workers()
     task.refresh_from_db()
     if not retried:
         raise TaskNotRetryable(f"only failed or cancelled tasks can be retried; this one is {task.status}", task=task)

@@ -24,11 +24,14 @@ from datetime import timedelta
 
 from django.db import DatabaseError, connection, connections
 from django.utils import timezone
+from django_q.brokers import get_broker
 from django_q.brokers.orm import ORM
 from django_q.conf import Conf
 from django_q.models import OrmQ
+from django_q.tasks import async_task
 
 from . import commits
+from .models import VideoTask
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,33 @@ _TAKE_QUEUED = (
 
 def supported() -> bool:
     return connection.vendor == "postgresql"
+
+
+WORKER_ENTRY = "tasks_app.worker.run_next_task"
+
+
+def wake_workers() -> None:
+    """Queue a "there is work" message; the row, not the message, says which task runs."""
+    async_task(WORKER_ENTRY, task_name="video-task")
+
+
+def wake_stranded(*, waiting_s: float) -> bool:
+    """Queue a wake-up when a submitted task has waited over ``waiting_s`` and the broker holds no
+    message a worker could take now; True if it did. Called by idle workers.
+
+    A task strands when a claim failed (a database error) after its message was taken, or when a
+    cluster stopped holding a taken message (locked for Q_CLUSTER's retry, over an hour). A taken
+    message does not count: an idle worker should not wait for it, and the one extra wake-up of a
+    message that was on its way after all only runs a claim that finds nothing.
+    """
+    if OrmQ.objects.filter(key=get_broker().list_key, lock__lte=timezone.now()).exists():
+        return False
+    cutoff = timezone.now() - timedelta(seconds=waiting_s)
+    if not VideoTask.objects.filter(status=VideoTask.Status.SUBMITTED, queued_at__lt=cutoff).exists():
+        return False
+    logger.warning("a task has waited over %g s with no queued message; waking the workers", waiting_s)
+    wake_workers()
+    return True
 
 
 def notify(channel: str, payload: str = "") -> None:

@@ -29,7 +29,7 @@ from inference.generate import (
 )
 from inference.pipelines import applied_options, load_count, load_pipeline, resolve_device
 
-from . import services, storage, worker_process
+from . import services, storage, wakeups, worker_process
 
 logger = logging.getLogger(__name__)
 # Errors of a database that could not be reached (dropped connection, server restarting), not of a query.
@@ -96,7 +96,7 @@ def run_next_task() -> str | None:
     if worker_process.shutting_down():
         # A stopping worker takes nothing new. Its pusher took this message before the stop: put
         # a wake-up back in the broker for other workers (the task waits in the table either way).
-        services.task_wake_stranded(waiting_s=0)
+        wakeups.wake_stranded(waiting_s=0)
         return None
     # A claim that failed on a database error would use up this message with nothing claimed (its
     # acknowledgement fails too, so the broker holds it back for the retry period): wait for the database.

@@ -10,7 +10,7 @@ the forking parent. From then on a daemon thread, every ``LIGHTX2V_HEARTBEAT_S``
 * every ``STRAY_RUN_FILES_SWEEP_S``, removes files of runs that can no longer publish them
   (``sweep_stray_run_files``) and those of tasks past ``LIGHTX2V_RETENTION_DAYS`` (``retention``);
 * while idle and warm, queues a wake-up for a task left waiting without a queue message
-  (``services.task_wake_stranded``), and hands the heap freed by the last runs back to the OS.
+  (``wakeups.wake_stranded``), and hands the heap freed by the last runs back to the OS.
 
 A second thread sends due webhook deliveries (``webhooks.send_due``): at start, when one is
 announced, when a retry falls due, and every ``LIGHTX2V_WEBHOOK_POLL_S`` in any case. On PostgreSQL a
@@ -204,7 +204,7 @@ def _beat() -> None:
         days = settings.LIGHTX2V_RETENTION_DAYS
         _expiry_backlog = retention.expire_finished_files(days=days) == retention.BATCH
     if run is None and _ready.is_set() and not shutting_down():  # idle: a task still waiting lost its message
-        services.task_wake_stranded(waiting_s=settings.LIGHTX2V_HEARTBEAT_S)
+        wakeups.wake_stranded(waiting_s=settings.LIGHTX2V_HEARTBEAT_S)
 
 
 def sweep_stray_run_files() -> int:
