@@ -1,9 +1,9 @@
 """URL map: the public API under /v1 (../shared/API.md), schema and docs, admin."""
 from django.contrib import admin
-from django.urls import path
+from django.urls import path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from tasks_app.errors import read_only
+from tasks_app.errors import json_not_found, read_only
 from tasks_app.metrics import metrics_view
 from tasks_app.views import FileViewSet, ServiceViewSet, VideoTaskViewSet
 
@@ -36,6 +36,8 @@ urlpatterns = [
     path("redoc", read_only(SpectacularRedocView.as_view(url_name="openapi-schema")), name="redoc"),
     path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
+    # Any other URL: the JSON 404 (handler404 answers only with DEBUG off; with it on, Django's HTML page).
+    re_path(r"^(?!admin(/|$)|static/)", json_not_found),
 ]
 
 handler400 = "tasks_app.errors.json_bad_request"

@@ -322,3 +322,13 @@ def test_api_paths_take_a_trailing_slash(api, task_id):
     assert api.get(f"/v1/tasks/{task_id}/result/").status_code == 409
     assert api.delete(f"/v1/tasks/{created.json()['task_id']}/").json()["status"] == "cancelled"
     assert api.get("/v1/tasks//").status_code == 404
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_unknown_urls_get_the_json_404_with_debug_on_too(client, db, settings, debug):
+    settings.DEBUG = debug  # make run's default: Django's HTML "Page not found" page answered before
+    for url in ("/nowhere", "/v2/tasks", "/v1/tasks/x/y/z", "/admin-ish"):
+        response = client.get(url, HTTP_ACCEPT="application/json")
+        assert (response.status_code, response["Content-Type"], response.json()) == (
+            404, "application/json", {"detail": "Not found."}), url  # fmt: skip
+    assert client.get("/admin").status_code == 301  # still sent on to /admin/
