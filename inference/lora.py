@@ -190,9 +190,8 @@ def lora_applied(
     """
     import torch
 
-    from .pipelines import pipe_lock
-
     from .fastpath import plain_run_stance
+    from .pipelines import pipe_lock
 
     with pipe_lock(pipe):
         apply_lora(pipe, lora_dir, name, strength)

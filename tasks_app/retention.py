@@ -17,7 +17,6 @@ logger = logging.getLogger(__name__)
 
 BATCH = 100
 EXPIRED_MESSAGE = "files removed after the retention period"
-FINISHED = (VideoTask.Status.SUCCEED, VideoTask.Status.FAILED, VideoTask.Status.CANCELLED)
 
 
 def expire_finished_files(*, days: float) -> int:
@@ -29,7 +28,7 @@ def expire_finished_files(*, days: float) -> int:
     with transaction.atomic():
         expired = list(
             VideoTask.objects.select_for_update(skip_locked=True)
-            .filter(status__in=FINISHED, finished_at__lt=cutoff)
+            .filter(status__in=VideoTask.FINISHED_STATUSES, finished_at__lt=cutoff)
             .exclude(file_path="", poster_path="", input_image="")[:BATCH]
         )
         for task in expired:

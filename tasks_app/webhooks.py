@@ -50,6 +50,10 @@ class CallbackRefused(ValueError):
     """The URL may not be called; the message says why (for a 400 naming ``callback_url``)."""
 
 
+# What a send can end in short of an answer: a refused URL, no connection, TLS, a broken or cut-off exchange.
+SEND_FAILURES = (CallbackRefused, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, CertificateError)
+
+
 def check_callback_url(url: str) -> None:
     """Raise ``CallbackRefused`` unless ``url`` is http(s) to a host that resolves to allowed addresses.
 
@@ -251,7 +255,7 @@ def _send(delivery: WebhookDelivery) -> bool:
         status_code = _post(delivery.url, body, headers)
         if not 200 <= status_code < 300:
             error = f"receiver answered {status_code}"
-    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, CertificateError, CallbackRefused) as exc:
+    except SEND_FAILURES as exc:
         error = f"{type(exc).__name__}: {exc}"
     claimed_until = delivery.next_attempt_at
     delivery.attempts += 1
