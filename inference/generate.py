@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
 import time
 import traceback
 from collections.abc import Callable
-import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -34,7 +33,7 @@ def frames_for_duration(seconds: int, fps: int = FPS) -> int:
     return fps * seconds + 1
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     """Everything that determines one generated clip.
 
@@ -100,11 +99,8 @@ class GenerationRequest:
         return "t2v" if self.image is None else "i2v"
 
     def output_size(self) -> tuple[int, int]:
-        """``(height, width)`` of the frames :func:`generate_frames` returns for this request.
-
-        The requested size, except for I2V with ``resize_mode="adaptive"`` (see
-        :func:`inference.images.fit_size`).
-        """
+        """``(height, width)`` of the frames :func:`generate_frames` returns for this request: the
+        requested size, except for I2V with ``resize_mode="adaptive"`` (:func:`inference.images.fit_size`)."""
         if self.image is None:
             return self.height, self.width
         return fit_size(*self.image.size, height=self.height, width=self.width, resize_mode=self.resize_mode)

@@ -21,13 +21,7 @@ from django.utils import timezone
 from PIL import Image
 
 from . import commits, selectors, statements, storage, wakeups, webhooks
-from .errors import (
-    IdempotencyKeyReused,
-    QueueFull,
-    TaskNotCancellable,
-    TaskNotRetryable,
-    TooManyUnfinishedTasks,
-)
+from .errors import IdempotencyKeyReused, QueueFull, TaskNotCancellable, TaskNotRetryable, TooManyUnfinishedTasks
 from .models import IdempotencyKey, TaskAttempt, VideoTask
 
 logger = logging.getLogger(__name__)
@@ -63,8 +57,25 @@ def task_submit(
     returns the original task (``created=False``), another raises ``IdempotencyKeyReused``.
     Raises ``TooManyUnfinishedTasks`` / ``QueueFull`` over the configured caps. The row, its
     idempotency key and its queue message are written in one transaction (the broker is this
-    database), so a task is never queued without a row nor stored without a message.
+    database), so a task is never queued without a row nor stored without a message. ``image``
+    is stored before that transaction (its encode and write hold no lock) and removed again
+    unless the submit created the task.
     """
+    task = VideoTask(owner=owner, **params)
+    stored_image = storage.save_input_image(image, task.task_id) if image is not None else ""
+    created = False
+    try:
+        submission = _submit(task, stored_image, idempotency_key, request_fingerprint)
+        created = submission.created
+        return submission
+    finally:
+        if stored_image and not created:
+            storage.delete_input_image(stored_image)
+
+
+def _submit(task: VideoTask, stored_image: str, idempotency_key: str, request_fingerprint: str) -> Submission:
+    """Store and queue the unsaved ``task`` (with ``stored_image`` as its input, if any) or replay."""
+    owner = task.owner
     with transaction.atomic():
         # One owner's submits run one at a time, so cap checks and key lookups see each other.
         if statements.supported():
@@ -76,14 +87,11 @@ def task_submit(
             if replayed is not None:
                 return Submission(task=replayed, created=False)
         _check_limits(owner=owner)
-        fields = dict(params)
-        if fields.get("seed") is None:
-            fields["seed"] = random.randint(0, MAX_SEED)
-        task = VideoTask(owner=owner, **fields)
-        task.task_type = VideoTask.TaskType.I2V if image is not None else VideoTask.TaskType.T2V
+        if task.seed is None:
+            task.seed = random.randint(0, MAX_SEED)
+        task.task_type = VideoTask.TaskType.I2V if stored_image else VideoTask.TaskType.T2V
         task.message = "queued"
-        if image is not None:
-            task.input_image = storage.save_input_image(image, task.task_id)
+        task.input_image = stored_image
         task.save(force_insert=True)
         if idempotency_key:
             IdempotencyKey.objects.create(

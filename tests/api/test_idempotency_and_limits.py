@@ -4,10 +4,12 @@ import subprocess
 import sys
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import requests
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
 from django.utils import timezone
 
 from tasks_app import statements
@@ -64,6 +66,41 @@ def test_multipart_idempotency_compares_the_uploaded_bytes(api):
     first, same, other = send(png_bytes()), send(png_bytes()), send(png_bytes(color=(0, 0, 255)))
     assert (first.status_code, same.status_code, other.status_code) == (201, 200, 422)
     assert same.json()["task_id"] == first.json()["task_id"]
+
+
+def test_an_image_is_kept_only_for_the_task_it_made(api, settings):
+    """Input images are stored before the submit's transaction: a replay or a refused submit keeps none."""
+    settings.LIGHTX2V_MAX_UNFINISHED_PER_USER = 1
+    upload_root = Path(settings.LIGHTX2V_UPLOAD_ROOT)
+    before = set(upload_root.iterdir()) if upload_root.exists() else set()
+
+    def send(color, key):
+        upload = SimpleUploadedFile("in.png", png_bytes(color=color), content_type="image/png")
+        return api.post(SUBMIT_FORM, {"prompt": "p", "image_file": upload}, HTTP_IDEMPOTENCY_KEY=key)
+
+    first, replay, refused = send((1, 2, 3), "a"), send((1, 2, 3), "a"), send((4, 5, 6), "b")
+
+    assert (first.status_code, replay.status_code, refused.status_code) == (201, 200, 429)
+    task = VideoTask.objects.get()
+    assert {path.name for path in set(upload_root.iterdir()) - before} == {task.input_image} == {f"{task.pk}.png"}
+
+
+def test_an_image_of_a_submit_the_database_refuses_is_removed(api, settings):
+    upload_root = Path(settings.LIGHTX2V_UPLOAD_ROOT)
+    before = set(upload_root.iterdir()) if upload_root.exists() else set()
+    with connection.cursor() as cursor:  # rolled back with the test's transaction
+        cursor.execute("""
+            CREATE FUNCTION test_refuse_insert() RETURNS trigger AS $$
+            BEGIN RAISE EXCEPTION 'refused by a test'; END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER test_refuse_insert BEFORE INSERT ON tasks_app_videotask
+            FOR EACH ROW EXECUTE FUNCTION test_refuse_insert();""")
+    api.raise_request_exception = False
+    upload = SimpleUploadedFile("in.png", png_bytes(), content_type="image/png")
+
+    response = api.post(SUBMIT_FORM, {"prompt": "p", "image_file": upload})
+
+    assert response.status_code == 500
+    assert (set(upload_root.iterdir()) if upload_root.exists() else set()) == before
 
 
 def test_a_malformed_key_is_a_400_naming_the_header(api):
@@ -215,7 +252,6 @@ def test_empty_input_roots_allow_no_server_side_paths():
 def test_an_upload_cut_off_at_the_limit_leaves_no_temporary_file(api, settings, tmp_path):
     settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path)
     settings.LIGHTX2V_MAX_UPLOAD_BYTES = 3 * 1024 * 1024  # over FILE_UPLOAD_MAX_MEMORY_SIZE: a temp file
-    from django.core.files.uploadedfile import SimpleUploadedFile
 
     too_big = SimpleUploadedFile("big.png", png_bytes(64, 64) + b"\0" * settings.LIGHTX2V_MAX_UPLOAD_BYTES)
 
