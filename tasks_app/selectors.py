@@ -103,6 +103,19 @@ def queue_position(*, task: VideoTask) -> int:
     return ahead + 1
 
 
+def queue_positions(*, tasks: list[VideoTask]) -> dict[uuid.UUID, int]:
+    """:func:`queue_position` of each of ``tasks`` still submitted, in one query (a page of a list)."""
+    keys = [VideoTask._meta.pk.get_db_prep_value(task.pk, connection) for task in tasks]
+    if not keys:
+        return {}
+    sql = f"""WITH {TURNS_SQL}
+SELECT "task_id", position FROM (
+    SELECT turns."task_id", ROW_NUMBER() OVER (ORDER BY {TURN_ORDER}) AS position FROM turns
+) ranked WHERE "task_id" IN ({", ".join(["%s"] * len(keys))})"""
+    to_python = VideoTask._meta.pk.to_python
+    return {to_python(task_id): position for task_id, position in rows.plain_rows(sql, [*TURNS_PARAMS, *keys])}
+
+
 def claim_order() -> list[uuid.UUID]:
     """The submitted tasks' ids in the order workers claim them (the ORM form of the claim reads it)."""
     to_python = VideoTask._meta.pk.to_python

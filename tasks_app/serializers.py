@@ -276,9 +276,11 @@ class TaskStatusSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.IntegerField(allow_null=True, help_text="1 = next; null unless submitted"))
     def get_queue_position(self, task: VideoTask) -> int | None:
+        """Looked up in the context's ``queue_positions`` (a list's page: one query) when it has them."""
         if task.status != VideoTask.Status.SUBMITTED:
             return None
-        return selectors.queue_position(task=task)
+        positions = self.context.get("queue_positions")
+        return positions.get(task.pk) if positions is not None else selectors.queue_position(task=task)
 
     @extend_schema_field(serializers.FloatField(allow_null=True, help_text="estimated seconds until finished"))
     def get_eta_s(self, task: VideoTask) -> float | None:

@@ -167,7 +167,9 @@ class VideoTaskViewSet(viewsets.GenericViewSet):
         if wanted_status is not None and wanted_status not in VideoTask.Status.values:
             raise ValidationError({"status": [f"must be one of {', '.join(VideoTask.Status.values)}"]})
         page = self.paginate_queryset(selectors.tasks_of(owner=request.user, status=wanted_status))
-        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+        queued = [task for task in page if task.status == VideoTask.Status.SUBMITTED]
+        context = {**self.get_serializer_context(), "queue_positions": selectors.queue_positions(tasks=queued)}
+        return self.get_paginated_response(self.get_serializer(page, many=True, context=context).data)
 
     @extend_schema(responses={200: TaskStatusSerializer, 404: ERROR_RESPONSE}, summary="Poll a task")
     @action(detail=True, methods=["get"])

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 from django.core.files.base import ContentFile
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from tasks_app import selectors, storage
 from tasks_app.models import ApiToken, VideoTask, hash_token
@@ -98,6 +100,32 @@ def test_list_is_newest_first_paginated_and_filtered_by_status(api, make_api):
     assert api.get("/v1/tasks?status=submitted").json()["count"] == 2
     bad = api.get("/v1/tasks?status=done")
     assert bad.status_code == 400 and "status" in bad.json()
+
+
+def test_a_list_page_gives_each_queued_task_its_status_position_in_a_fixed_number_of_queries(api, make_api, settings):
+    settings.LIGHTX2V_MAX_UNFINISHED_PER_USER = 50
+    bob = make_api("bob")
+
+    def list_queries() -> int:
+        selectors.forget_estimate_inputs()  # cached for seconds: each list computes them afresh
+        with CaptureQueriesContext(connection) as queries:
+            assert api.get("/v1/tasks").status_code == 200
+        return len(queries.captured_queries)
+
+    for index in range(2):
+        api.post(SUBMIT, {"prompt": f"alice {index}"}, format="json")
+        bob.post(SUBMIT, {"prompt": f"bob {index}"}, format="json")
+    queries_for_two = list_queries()
+    for index in range(2, 15):
+        api.post(SUBMIT, {"prompt": f"alice {index}"}, format="json")
+    api.delete(f"/v1/tasks/{api.get('/v1/tasks').json()['results'][0]['task_id']}")  # one not queued
+
+    listed = api.get("/v1/tasks").json()["results"]  # one page of 16
+    assert list_queries() == queries_for_two
+    statuses = [api.get(f"/v1/tasks/{task['task_id']}/status").json() for task in listed]
+    assert [task["queue_position"] for task in listed] == [status["queue_position"] for status in statuses]
+    assert listed[0]["queue_position"] is None and listed[-1]["queue_position"] == 1  # cancelled; first queued
+    assert sorted(task["queue_position"] for task in listed[1:]) == [1, 3, *range(5, 17)]  # bob's are 2 and 4
 
 
 def test_cancelling_the_id_video_is_a_documented_405(api, client, db):
