@@ -1,5 +1,7 @@
 """Operator views: tasks with status badges and progress bars, filters, search, retry/cancel, the video
 player and input image on the task page, attempt history, webhook deliveries, tokens."""
+from collections import Counter
+
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
@@ -26,17 +28,26 @@ class TaskAttemptInline(admin.TabularInline):
         return False
 
 
+class ActionsOnlyAdmin(admin.ModelAdmin):
+    """A model whose rows change only through its admin actions (each a ``services``/``webhooks``
+    call): a row's page is read-only, since saving it would write back every column as loaded, over
+    what a worker wrote meanwhile. The actions need the change permission, not just view."""
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return obj is None and super().has_change_permission(request)
+
+
 STATUS_COLOURS = {
     "submitted": "#6c757d", "running": "#0d6efd", "succeed": "#198754", "failed": "#dc3545", "cancelled": "#fd7e14",
 }  # fmt: skip
 
 
 @admin.register(VideoTask)
-class VideoTaskAdmin(admin.ModelAdmin):
+class VideoTaskAdmin(ActionsOnlyAdmin):
     list_display = (
         "task_id", "status_badge", "progress_bar", "task_type", "owner", "created_at", "attempt_count", "message",
     )  # fmt: skip
-    list_filter = ("status", "task_type", "created_at", "owner")
+    list_filter = ("status", "task_type", "created_at", ("owner", admin.RelatedOnlyFieldListFilter))
     search_fields = ("prompt", "task_id", "owner__username")
     date_hierarchy = "created_at"
     actions = ("retry_tasks", "cancel_tasks")
@@ -102,22 +113,25 @@ class VideoTaskAdmin(admin.ModelAdmin):
         return False  # tasks enter through the API, which validates them
 
     def _apply(self, request, queryset, transition, verb: str) -> None:
-        done, refused = 0, 0
+        """Run ``transition`` on each selected task; report how many it changed, and each reason
+        for refusing the others with their count."""
+        done, refusals = 0, Counter()
         for task in queryset:
             try:
                 transition(task=task)
                 done += 1
-            except ServiceError:
-                refused += 1
-        self.message_user(request, f"{verb} {done} task(s).", messages.SUCCESS)
-        if refused:
-            self.message_user(request, f"{refused} task(s) were not in a state that allows it.", messages.WARNING)
+            except ServiceError as refused:
+                refusals[refused.message] += 1
+        if done:
+            self.message_user(request, f"{verb} {done} task(s).", messages.SUCCESS)
+        for reason, count in refusals.items():
+            self.message_user(request, f"Not {verb.lower()}: {count} task(s): {reason}", messages.WARNING)
 
-    @admin.action(description="Retry selected failed/cancelled tasks")
+    @admin.action(description="Retry selected failed/cancelled tasks", permissions=["change"])
     def retry_tasks(self, request, queryset):
         self._apply(request, queryset, services.task_retry, "Queued again")
 
-    @admin.action(description="Cancel selected submitted/running tasks")
+    @admin.action(description="Cancel selected submitted/running tasks", permissions=["change"])
     def cancel_tasks(self, request, queryset):
         self._apply(request, queryset, services.task_cancel, "Cancelled")
 
@@ -127,11 +141,12 @@ class ApiTokenAdmin(admin.ModelAdmin):
     list_display = ("prefix", "user", "name", "created_at", "last_used_at", "revoked_at")
     list_filter = ("revoked_at",)
     search_fields = ("user__username", "name", "prefix")
-    readonly_fields = ("user", "prefix", "created_at", "last_used_at")
+    # A revocation is final: only the action sets revoked_at (clearing it would bring a leaked key back).
+    readonly_fields = ("user", "prefix", "created_at", "last_used_at", "revoked_at")
     fields = ("user", "name", "prefix", "created_at", "last_used_at", "revoked_at")
     actions = ("revoke_tokens",)
 
-    @admin.action(description="Revoke selected tokens")
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke_tokens(self, request, queryset):
         revoked = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"Revoked {revoked} token(s).", messages.SUCCESS)
@@ -141,7 +156,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
 
 @admin.register(WebhookDelivery)
-class WebhookDeliveryAdmin(admin.ModelAdmin):
+class WebhookDeliveryAdmin(ActionsOnlyAdmin):
     """Every webhook delivery with its attempts and last answer; re-send from here."""
 
     list_display = ("event", "task", "url", "attempts", "last_status_code", "delivered_at", "gave_up_at", "created_at")
@@ -153,6 +168,13 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 
-    @admin.action(description="Re-send selected deliveries")
+    @admin.action(description="Re-send selected deliveries", permissions=["change"])
     def resend_deliveries(self, request, queryset):
-        self.message_user(request, f"Re-sending {webhooks.resend(queryset)} delivery(ies).", messages.SUCCESS)
+        queued, stale = webhooks.resend(queryset)
+        if queued:
+            self.message_user(request, f"Re-sending {queued} delivery(ies).", messages.SUCCESS)
+        if stale:
+            self.message_user(
+                request, f"Not re-sent: {stale} delivery(ies) report a state their task has left "
+                "(only a task's newest delivery, of its current status, is sent again).", messages.WARNING,
+            )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Retention: the files of tasks that finished more than ``LIGHTX2V_RETENTION_DAYS`` ago are removed.
+"""Retention: the files of tasks that finished more than ``LIGHTX2V_RETENTION_DAYS`` ago are removed,
+and a deleted task's files go with its row.
 
 The rows stay (history, statistics, the admin); a finished task whose files are gone keeps its status
 and says so in its message, ``/result`` answers 410 and a download 404. Workers run
@@ -41,3 +42,16 @@ def expire_finished_files(*, days: float) -> int:
     if expired:
         logger.info("removed the files of %d tasks finished over %g days ago", len(expired), days)
     return len(expired)
+
+
+def remove_files_of_deleted_task(sender, instance: VideoTask, **kwargs) -> None:
+    """``post_delete`` receiver: once a task's deletion commits (the admin, a deleted user's tasks, a
+    ``QuerySet.delete()``), its video, poster and input image are removed; nothing refers to them then."""
+    task_id, input_image = instance.pk, instance.input_image
+
+    def remove() -> None:
+        storage.delete_outputs(task_id)
+        if input_image:
+            storage.delete_input_image(input_image)
+
+    transaction.on_commit(remove, robust=True)  # a store that fails logs; the delete stands

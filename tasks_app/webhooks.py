@@ -30,7 +30,8 @@ import urllib3.connection
 from urllib3.util.ssl_match_hostname import CertificateError
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Min
+from django.db.models import F, Min, OuterRef, Subquery, Value
+from django.db.models.functions import Concat
 from django.utils import timezone
 
 from . import wakeups
@@ -278,9 +279,16 @@ def _send(delivery: WebhookDelivery) -> bool:
     return not error
 
 
-def resend(queryset) -> int:
-    """Queue deliveries to be sent again now (operators' admin action)."""
+def resend(queryset) -> tuple[int, int]:
+    """Queue those of the deliveries in ``queryset`` that report their task's current state to be sent
+    again now (operators' admin action); returns (queued, stale). Stale: not the task's newest
+    delivery, or of a status the task has left (retried since): it would tell the receiver a state
+    the task is no longer in, after the one it is in."""
+    newest = WebhookDelivery.objects.filter(task=OuterRef("task")).order_by("-created_at", "-pk").values("pk")[:1]
+    current = queryset.filter(pk=Subquery(newest), event=Concat(Value("task."), F("task__status")))
     with transaction.atomic():
-        count = queryset.update(delivered_at=None, gave_up_at=None, attempts=0, next_attempt_at=timezone.now())
+        queued = current.update(
+            delivered_at=None, gave_up_at=None, attempts=0, last_error="", next_attempt_at=timezone.now()
+        )
         wakeups.notify(wakeups.WEBHOOK_CHANNEL)
-    return count
+    return queued, queryset.count() - queued

@@ -124,7 +124,7 @@ def test_a_delivery_queued_by_another_process_wakes_an_idle_worker(workers, http
     wait_for(lambda: WebhookDelivery.objects.filter(delivered_at__isnull=False).exists(), timeout=30, what="delivery")
 
     # The admin's re-send, from this process: only its announcement can reach the idle worker in time.
-    assert webhooks.resend(WebhookDelivery.objects.all()) == 1
+    assert webhooks.resend(WebhookDelivery.objects.all()) == (1, 0)  # (queued, stale)
 
     wait_for(lambda: len(receiver.received) == 2, timeout=30, what="the re-sent delivery")
     assert receiver.received[0][1] == receiver.received[1][1]  # the same body, posted again
