@@ -28,7 +28,15 @@ class TaskAttemptInline(admin.TabularInline):
         return False
 
 
-class ActionsOnlyAdmin(admin.ModelAdmin):
+class OperatorAdmin(admin.ModelAdmin):
+    def lookup_allowed(self, lookup, value, request=None) -> bool:
+        """Also refuse (400) a year outside the calendar (``?finished_at__year=99999`` was a 500)."""
+        if lookup.endswith("__year") and value.strip().lstrip("-").isdigit() and not 1 <= int(value) <= 9999:
+            return False
+        return super().lookup_allowed(lookup, value, request)
+
+
+class ActionsOnlyAdmin(OperatorAdmin):
     """A model whose rows change only through its admin actions (each a ``services``/``webhooks``
     call): a row's page is read-only, since saving it would write back every column as loaded, over
     what a worker wrote meanwhile. The actions need the change permission, not just view."""
@@ -137,7 +145,7 @@ class VideoTaskAdmin(ActionsOnlyAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(OperatorAdmin):
     list_display = ("prefix", "user", "name", "created_at", "last_used_at", "revoked_at")
     list_filter = ("revoked_at",)
     search_fields = ("user__username", "name", "prefix")

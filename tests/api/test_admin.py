@@ -33,6 +33,13 @@ def test_task_list_shows_filters_and_searches(operator, api):
         assert refused.status_code == 400 and "NUL" in refused.json()["detail"], query
 
 
+def test_a_year_outside_the_calendar_in_a_changelist_filter_is_a_400(operator):
+    for changelist, lookup in [("videotask", "finished_at"), ("apitoken", "revoked_at"), ("webhookdelivery", "delivered_at")]:
+        for year in ("99999", "0", "-1"):
+            assert operator.get(f"/admin/tasks_app/{changelist}/", {f"{lookup}__year": year}).status_code == 400
+        assert operator.get(f"/admin/tasks_app/{changelist}/", {f"{lookup}__year": "2026"}).status_code == 200
+
+
 def test_retry_action_requeues_failed_tasks_keeping_attempts(operator, api):
     task = _task(api, "doomed")
     VideoTask.objects.filter(pk=task.pk).update(status="failed", attempt_count=1, progress=0.5, message="failed: boom")
