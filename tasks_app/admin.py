@@ -29,9 +29,12 @@ class TaskAttemptInline(admin.TabularInline):
 
 
 class OperatorAdmin(admin.ModelAdmin):
+    """The base of this app's admins: filters from the query string are checked before they are run."""
+
     def lookup_allowed(self, lookup, value, request=None) -> bool:
         """Also refuse (400) a year outside the calendar (``?finished_at__year=99999`` was a 500)."""
-        if lookup.endswith("__year") and value.strip().lstrip("-").isdigit() and not 1 <= int(value) <= 9999:
+        year = value.strip() if isinstance(value, str) else ""
+        if lookup.endswith("__year") and year.lstrip("-").isdigit() and not 1 <= int(year) <= 9999:
             return False
         return super().lookup_allowed(lookup, value, request)
 

@@ -34,7 +34,8 @@ def test_task_list_shows_filters_and_searches(operator, api):
 
 
 def test_a_year_outside_the_calendar_in_a_changelist_filter_is_a_400(operator):
-    for changelist, lookup in [("videotask", "finished_at"), ("apitoken", "revoked_at"), ("webhookdelivery", "delivered_at")]:
+    dated = [("videotask", "finished_at"), ("apitoken", "revoked_at"), ("webhookdelivery", "delivered_at")]
+    for changelist, lookup in dated:
         for year in ("99999", "0", "-1"):
             assert operator.get(f"/admin/tasks_app/{changelist}/", {f"{lookup}__year": year}).status_code == 400
         assert operator.get(f"/admin/tasks_app/{changelist}/", {f"{lookup}__year": "2026"}).status_code == 200
@@ -65,7 +66,8 @@ def test_cancel_action_cancels_queued_and_reports_the_refused(operator, api):
         follow=True,
     )
 
-    assert b"Cancelled 1 task" in response.content and b"Not cancelled: 1 task(s): task is already succeed" in response.content
+    assert b"Cancelled 1 task" in response.content
+    assert b"Not cancelled: 1 task(s): task is already succeed" in response.content
     assert VideoTask.objects.get(pk=queued.pk).status == "cancelled"
     assert VideoTask.objects.get(pk=finished.pk).status == "succeed"
 
@@ -108,7 +110,8 @@ def test_resending_sends_only_a_task_s_newest_delivery_of_its_current_state(oper
     from tasks_app.models import WebhookDelivery
 
     settings.LIGHTX2V_WEBHOOK_ALLOW_PRIVATE = True
-    task_id = api.post(SUBMIT, {"prompt": "p", "callback_url": "http://127.0.0.1:9/hook"}, format="json").json()["task_id"]
+    body = {"prompt": "p", "callback_url": "http://127.0.0.1:9/hook"}
+    task_id = api.post(SUBMIT, body, format="json").json()["task_id"]
     api.delete(f"/v1/tasks/{task_id}")
     operator.post("/admin/tasks_app/videotask/", {"action": "retry_tasks", "_selected_action": [task_id]}, follow=True)
     VideoTask.objects.filter(pk=task_id).update(status="succeed")
@@ -172,14 +175,15 @@ def test_a_task_page_is_read_only_even_for_superusers_so_a_save_cannot_undo_a_wo
     VideoTask.objects.filter(pk=task.pk).update(status="succeed", progress=1.0)  # a worker's write
     assert operator.post(f"/admin/tasks_app/videotask/{task.pk}/change/", {}).status_code == 403
     assert VideoTask.objects.get(pk=task.pk).status == "succeed"
-    assert operator.get(f"/admin/tasks_app/webhookdelivery/").status_code == 200
+    assert operator.get("/admin/tasks_app/webhookdelivery/").status_code == 200
 
 
 def test_a_revoked_token_cannot_be_brought_back_from_its_page(operator, api, client):
     token, key = ApiToken.issue(user=api.user, name="leaked")
     operator.post("/admin/tasks_app/apitoken/", {"action": "revoke_tokens", "_selected_action": [str(token.pk)]})
 
-    operator.post(f"/admin/tasks_app/apitoken/{token.pk}/change/", {"name": "renamed", "revoked_at_0": "", "revoked_at_1": ""})
+    cleared = {"name": "renamed", "revoked_at_0": "", "revoked_at_1": ""}
+    operator.post(f"/admin/tasks_app/apitoken/{token.pk}/change/", cleared)
 
     token.refresh_from_db()
     assert token.name == "renamed" and token.revoked_at is not None
