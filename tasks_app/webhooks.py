@@ -166,7 +166,6 @@ def _exchange(connection, target: str, body: bytes, headers: dict[str, str]) -> 
         connection.close()
 
 
-
 def enqueue(task: VideoTask) -> None:
     """Record a delivery of ``task``'s current (terminal) state, if it has a callback URL."""
     if not task.callback_url:

@@ -126,7 +126,8 @@ def test_resending_sends_only_a_task_s_newest_delivery_of_its_current_state(oper
 
     shown = [str(message) for message in response.context["messages"]]
     assert shown[0] == "Re-sending 1 delivery(ies)." and shown[1].startswith("Not re-sent: 1 delivery(ies)")
-    cancelled.refresh_from_db(), succeeded.refresh_from_db()
+    cancelled.refresh_from_db()
+    succeeded.refresh_from_db()
     assert cancelled.gave_up_at is not None and cancelled.last_error.startswith("superseded")
     assert (succeeded.gave_up_at, succeeded.attempts, succeeded.event) == (None, 0, "task.succeed")
 
