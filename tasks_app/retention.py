@@ -6,6 +6,7 @@ and says so in its message, ``/result`` answers 410 and a download 404. Workers 
 ``expire_finished_files`` from their heartbeat (see ``worker_process``); 0 days keeps files forever.
 """
 import logging
+import uuid
 from datetime import timedelta
 
 from django.db import transaction
@@ -33,9 +34,7 @@ def expire_finished_files(*, days: float) -> int:
             .exclude(file_path="", poster_path="", input_image="")[:BATCH]
         )
         for task in expired:
-            storage.delete_outputs(task.pk)
-            if task.input_image:
-                storage.delete_input_image(task.input_image)
+            _remove_files(task.pk, task.input_image)
         VideoTask.objects.filter(pk__in=[task.pk for task in expired]).update(
             file_path="", poster_path="", input_image="", message=EXPIRED_MESSAGE
         )
@@ -48,10 +47,11 @@ def remove_files_of_deleted_task(sender, instance: VideoTask, **kwargs) -> None:
     """``post_delete`` receiver: once a task's deletion commits (the admin, a deleted user's tasks, a
     ``QuerySet.delete()``), its video, poster and input image are removed; nothing refers to them then."""
     task_id, input_image = instance.pk, instance.input_image
+    transaction.on_commit(lambda: _remove_files(task_id, input_image), robust=True)  # a failed remove logs
 
-    def remove() -> None:
-        storage.delete_outputs(task_id)
-        if input_image:
-            storage.delete_input_image(input_image)
 
-    transaction.on_commit(remove, robust=True)  # a store that fails logs; the delete stands
+def _remove_files(task_id: uuid.UUID, input_image: str) -> None:
+    """Remove a task's video and poster, and its input image when it has one."""
+    storage.delete_outputs(task_id)
+    if input_image:
+        storage.delete_input_image(input_image)
